@@ -1,0 +1,131 @@
+"""The one place where an op call is routed to a backend.
+
+Every public op validates its inputs, then calls its ``torch.ops.nats_kernels`` custom op, whose
+single implementation asks :func:`kernel` for the function to run. The decision uses three
+things only: the device of the inputs, which backends are built/importable and which ops each
+of them implements, and the ``NATS_KERNELS_BACKEND`` override
+(``auto`` | ``reference`` | ``cpu`` | ``triton`` | ``cuda``).
+
+Backends register their kernels with :func:`register`; a backend that could not be loaded
+records why with :func:`mark_unavailable`, which :func:`backends` reports.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "NATS_KERNELS_BACKEND"
+
+# Preference order of ``auto`` per device type; the reference closes every list.
+_AUTO_ORDER = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+
+_kernels: dict[str, dict[str, Callable]] = {b: {} for b in BACKENDS}
+_unavailable: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def register(backend: str, op: str) -> Callable[[Callable], Callable]:
+    """Decorator: make ``fn`` the ``backend`` kernel of ``op`` (already validated arguments)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def deco(fn: Callable) -> Callable:
+        _kernels[backend][op] = fn
+        return fn
+
+    return deco
+
+
+def mark_unavailable(backend: str, reason: str) -> None:
+    """Record that ``backend`` cannot run here, and why (shown by :func:`backends`)."""
+    _unavailable[backend] = reason
+
+
+def _device_ok(backend: str, device: torch.device) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device.type == "cpu"
+    if backend == "cuda":
+        return device.type == "cuda"
+    # Triton runs CUDA tensors, and CPU tensors under its interpreter.
+    return device.type == "cuda" or (
+        device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    )
+
+
+def requested_backend() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not one of auto, {', '.join(BACKENDS)}")
+    return value
+
+
+def kernel(op: str, device: torch.device) -> Callable:
+    """Return the kernel that runs ``op`` on ``device``: the one dispatch decision."""
+    want = requested_backend()
+    if want != "auto":
+        if want in _unavailable:
+            raise RuntimeError(
+                f"{ENV_VAR}={want} but the {want} backend is unavailable: {_unavailable[want]}"
+            )
+        if not _device_ok(want, device):
+            raise RuntimeError(
+                f"{ENV_VAR}={want} cannot run op {op} on device {device}"
+                + (" (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
+                   if want == "triton" and device.type == "cpu" else "")
+            )
+        fn = _kernels[want].get(op)
+        if fn is None:
+            raise RuntimeError(f"{ENV_VAR}={want} but the {want} backend has no kernel for {op}")
+        return fn
+    for backend in _AUTO_ORDER.get(device.type, ("reference",)):
+        fn = _kernels[backend].get(op)
+        if fn is not None and _device_ok(backend, device):
+            return fn
+        if backend in _unavailable and backend not in _warned:
+            _warned.add(backend)
+            warnings.warn(
+                f"nats_kernels: the {backend} backend is unavailable ({_unavailable[backend]}); "
+                f"ops on {device.type} tensors fall back to the next backend "
+                f"(see nats_kernels.backends())",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _kernels["reference"][op]
+
+
+def backend_name(op: str, device: torch.device | str) -> str:
+    """Which backend :func:`kernel` picks for ``op`` on ``device`` right now."""
+    fn = kernel(op, torch.device(device))
+    return next(b for b in BACKENDS if _kernels[b].get(op) is fn)
+
+
+def backends() -> dict[str, dict]:
+    """What each backend can do here.
+
+    Returns ``{name: {"available": bool, "reason": str, "ops": [op, ...]}}``; ``reason`` says
+    why a backend is unavailable, or what it runs on when it is.
+    """
+    where = {
+        "reference": "pure PyTorch, any device",
+        "cpu": "C++ extension nats_kernels._C, CPU tensors",
+        "triton": "Triton kernels, CUDA tensors (CPU tensors with TRITON_INTERPRET=1)",
+        "cuda": "CUDA extension nats_kernels._cuda, CUDA tensors",
+    }
+    return {
+        b: {
+            "available": b not in _unavailable,
+            "reason": _unavailable.get(b, where[b]),
+            "ops": sorted(_kernels[b]),
+        }
+        for b in BACKENDS
+    }

@@ -1,0 +1,79 @@
+"""Load the compiled backends that are present; record why the others are not.
+
+A missing piece never breaks ``import nats_kernels``: its ops run on the next backend of the
+``auto`` order, and the first such fallback warns once (see ``_dispatch.kernel``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from . import _dispatch
+
+# Kernel-level ops the compiled extensions may implement (csrc/nats_kernels.cpp).
+EXT_OPS = (
+    "cfg_accumulate",
+    "cfg_accumulate_list",
+    "cfg_step_",
+    "median_pairwise_distance",
+    "multi_dot",
+    "aw_weights",
+    "aw_combine_",
+    "iga_ratio",
+    "iga_correction_",
+)
+
+
+def _register_ext(backend: str, dispatch_key: str) -> None:
+    """Route each ext op that has a kernel for ``dispatch_key`` to the compiled backend."""
+    for op in EXT_OPS:
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"nats_kernels_ext::{op}", dispatch_key):
+            _dispatch.register(backend, op)(getattr(torch.ops.nats_kernels_ext, op))
+
+
+def _load_cpu() -> None:
+    try:
+        importlib.import_module("nats_kernels._C")
+    except ImportError as e:
+        _dispatch.mark_unavailable(
+            "cpu", f"C++ extension not built or not loadable ({e}); reinstall with "
+            "`pip install --no-build-isolation -e .` without NATS_KERNELS_SKIP_EXT"
+        )
+        return
+    _register_ext("cpu", "CPU")
+
+
+def _load_cuda() -> None:
+    if not torch.cuda.is_available():
+        _dispatch.mark_unavailable("cuda", "no CUDA device visible to torch")
+        return
+    try:
+        importlib.import_module("nats_kernels._cuda")
+    except ImportError as e:
+        _dispatch.mark_unavailable("cuda", f"CUDA extension not built or not loadable ({e})")
+        return
+    _register_ext("cuda", "CUDA")
+
+
+def _load_triton() -> None:
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (torch.cuda.is_available() or interpret):
+        _dispatch.mark_unavailable(
+            "triton", "no CUDA device (TRITON_INTERPRET=1 runs Triton on CPU tensors)"
+        )
+        return
+    try:
+        importlib.import_module("triton")
+    except ImportError as e:
+        _dispatch.mark_unavailable("triton", f"triton is not importable ({e})")
+        return
+    importlib.import_module("nats_kernels.triton")
+
+
+def load_all() -> None:
+    _load_cpu()
+    _load_cuda()
+    _load_triton()

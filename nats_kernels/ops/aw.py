@@ -1,0 +1,150 @@
+"""SPEC §4: adaptive weighted discriminator loss — inner products, weight rule, combination."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _validate as v
+from .._dispatch import kernel
+
+
+@torch.library.custom_op("nats_kernels::multi_dot", mutates_args=())
+def _multi_dot_op(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    return kernel("multi_dot", a[0].device)(a, b)
+
+
+@_multi_dot_op.register_fake
+def _(a, b):
+    return a[0].new_empty((3,), dtype=v.acc_dtype(a[0].dtype))
+
+
+@torch.library.custom_op("nats_kernels::aw_weights", mutates_args=())
+def _aw_weights_op(
+    dots: Tensor,
+    real_logits: Tensor,
+    fake_logits: Tensor,
+    normalized: bool,
+    alpha1: float,
+    alpha2: float,
+    delta: float,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return kernel("aw_weights", dots.device)(
+        dots, real_logits, fake_logits, normalized, alpha1, alpha2, delta, eps
+    )
+
+
+@_aw_weights_op.register_fake
+def _(dots, real_logits, fake_logits, normalized, alpha1, alpha2, delta, eps):
+    return dots.new_empty(()), dots.new_empty(()), dots.new_empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("nats_kernels::aw_combine_", mutates_args=("out",))
+def _aw_combine_op(
+    out: list[Tensor], g_r: list[Tensor], g_f: list[Tensor], w_r: Tensor, w_f: Tensor
+) -> None:
+    kernel("aw_combine_", out[0].device)(out, g_r, g_f, w_r, w_f)
+
+
+_aw_combine_op.register_fake(lambda *args: None)
+
+
+def multi_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``(<a,a>, <b,b>, <a,b>)`` over two lists of tensors, each inner product summed over all
+    elements of all tensors, in one pass.
+
+    Args:
+        a, b: equal-length, non-empty lists of tensors; ``a[p]`` and ``b[p]`` have the same shape;
+            one floating dtype and one device for all. Non-contiguous tensors are fine.
+
+    Returns:
+        A new ``(3,)`` tensor on the inputs' device, in float32 (float64 for float64 inputs) —
+        the accumulation dtype, so half-precision gradients cannot overflow it.
+
+    Raises:
+        TypeError: not lists of floating tensors, mixed dtypes.
+        ValueError: empty lists, different lengths or shapes, different devices.
+    """
+    (a, b), _, _ = v.paired_lists(("a", "b"), (a, b))
+    return _multi_dot_op(a, b)
+
+
+def aw_weights(
+    dots: Tensor,
+    real_logits: Tensor,
+    fake_logits: Tensor,
+    *,
+    normalized: bool = True,
+    alpha1: float = 0.5,
+    alpha2: float = 0.75,
+    delta: float = 0.05,
+    eps: float = 0.05,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The aw-loss weights ``(w_r, w_f)`` of SPEC §4, decided on device.
+
+    ``rr = dots[0] + 1e-4``, ``ff = dots[1] + 1e-4``, ``rf = dots[2]``;
+    ``s_r = mean(sigmoid(real_logits))``, ``s_f = mean(sigmoid(fake_logits))``. Case 1/2 when
+    ``s_r < alpha1 or s_r < s_f - delta`` (rf <= 0 / rf > 0), else case 3/4 when
+    ``s_r > alpha2 and s_r > s_f - delta``, else case 5. ``normalized=True`` is Algorithm 1
+    (1/||g|| factors), ``False`` Algorithm 2. Comparisons with NaN are false, as in the official
+    Python code.
+
+    Args:
+        dots: ``(3,)`` floating tensor ``(<g_r,g_r>, <g_f,g_f>, <g_r,g_f>)``, e.g. :func:`multi_dot`.
+        real_logits, fake_logits: raw discriminator outputs, any non-empty shape, floating,
+            on dots' device.
+        normalized, alpha1, alpha2, delta, eps: Python values (configuration, not device values).
+
+    Returns:
+        ``(w_r, w_f, case)``: 0-d tensors on device; the weights in dots' dtype, ``case`` int64
+        in 1..5 for logging. No host synchronization.
+
+    Raises:
+        TypeError: non-floating tensors, tensor-valued hyperparameters.
+        ValueError: ``dots`` not of shape ``(3,)``, empty logits, different devices.
+    """
+    v.tensor("dots", dots)
+    v.shape("dots", dots, (3,))
+    for name, t in (("real_logits", real_logits), ("fake_logits", fake_logits)):
+        v.tensor(name, t)
+        v.same_device(dots.device, **{name: t})
+        if t.numel() == 0:
+            raise ValueError(f"{name} must not be empty (its sigmoid mean decides the case)")
+    if not isinstance(normalized, bool):
+        raise TypeError(f"normalized must be a bool, got {type(normalized).__name__}")
+    hyper = [v.number(n, x) for n, x in
+             (("alpha1", alpha1), ("alpha2", alpha2), ("delta", delta), ("eps", eps))]
+    return _aw_weights_op(dots, real_logits, fake_logits, normalized, *hyper)
+
+
+def aw_combine_(
+    out: Sequence[Tensor],
+    g_r: Sequence[Tensor],
+    g_f: Sequence[Tensor],
+    w_r: float | Tensor,
+    w_f: float | Tensor,
+) -> None:
+    """``out[p] = w_r * g_r[p] + w_f * g_f[p]`` in place, for every p.
+
+    Args:
+        out: list of tensors written in place (typically the parameters' ``.grad``); it may be
+            ``g_r`` or ``g_f`` itself.
+        g_r, g_f: lists shaped like ``out`` position by position; one floating dtype and one
+            device for all three lists.
+        w_r, w_f: Python numbers or 0-d floating tensors on that device (e.g. from
+            :func:`aw_weights`; never read on the host).
+
+    Math in float32 (float64 for float64 inputs), one rounding per element.
+
+    Raises:
+        TypeError / ValueError as :func:`multi_dot`; ValueError for an ``out`` tensor with
+        overlapping memory or a weight that is not 0-d.
+    """
+    (out, g_r, g_f), device, dtype = v.paired_lists(("out", "g_r", "g_f"), (out, g_r, g_f))
+    for i, t in enumerate(out):
+        v.no_internal_overlap(f"out[{i}]", t)
+    acc = v.acc_dtype(dtype)
+    _aw_combine_op(out, g_r, g_f, v.scalar("w_r", w_r, device, acc), v.scalar("w_f", w_f, device, acc))

@@ -1,0 +1,228 @@
+"""SPEC §1: annealed weights and the CFG functional-gradient accumulation."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _validate as v
+from .._dispatch import kernel
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: validated arguments in, one dispatch decision, one kernel.
+
+
+@torch.library.custom_op("nats_kernels::annealed_weights", mutates_args=())
+def _annealed_weights_op(
+    first: float, last: float, M: int, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    return kernel("annealed_weights", device)(first, last, M, device, dtype)
+
+
+@_annealed_weights_op.register_fake
+def _(first, last, M, device, dtype):
+    return torch.empty(M, device=device, dtype=dtype)
+
+
+@torch.library.custom_op("nats_kernels::cfg_accumulate", mutates_args=("out",))
+def _cfg_accumulate_op(
+    x0: Tensor, grads: Tensor, weights: Tensor, eta: float, scale: Tensor | None, out: Tensor
+) -> None:
+    kernel("cfg_accumulate", x0.device)(x0, grads, weights, eta, scale, out)
+
+
+@torch.library.custom_op("nats_kernels::cfg_accumulate_list", mutates_args=("out",))
+def _cfg_accumulate_list_op(
+    x0: Tensor,
+    grads: list[Tensor],
+    weights: Tensor,
+    eta: float,
+    scale: Tensor | None,
+    out: Tensor,
+) -> None:
+    kernel("cfg_accumulate_list", x0.device)(x0, grads, weights, eta, scale, out)
+
+
+@torch.library.custom_op("nats_kernels::cfg_step_", mutates_args=("x",))
+def _cfg_step_op(x: Tensor, grad: Tensor, weight: Tensor, eta: float, scale: Tensor | None) -> None:
+    kernel("cfg_step_", x.device)(x, grad, weight, eta, scale)
+
+
+for _op in (_cfg_accumulate_op, _cfg_accumulate_list_op, _cfg_step_op):
+    _op.register_fake(lambda *args: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions.
+
+
+def annealed_weights(
+    first: float,
+    last: float,
+    M: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The annealed weight vector of NATS: a geometric progression from ``first`` to ``last``.
+
+    ``w[m] = first * (last / first) ** (m / (M - 1))`` for ``m = 0 .. M-1``; ``M = 1`` gives
+    ``[first]``. ``first > last`` is the paper's decreasing schedule (``[1, 0.01]`` below
+    128x128, ``[20, 1]`` at 256x256); ``first < last`` the "reverse" ablation; equal values give
+    plain CFG / NTS.
+
+    Args:
+        first, last: positive finite Python numbers.
+        M: number of steps, a Python int >= 1.
+        device: where the result lives (default: the current default device).
+        dtype: a floating dtype (default float32); computed in float64, then cast.
+
+    Returns:
+        A new ``(M,)`` tensor.
+
+    Raises:
+        TypeError: non-number ``first``/``last``, non-int ``M``, non-floating ``dtype``.
+        ValueError: ``first``/``last`` not positive and finite, ``M < 1``.
+    """
+    first = v.number("first", first)
+    last = v.number("last", last)
+    for name, value in (("first", first), ("last", last)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be positive and finite, got {value}")
+    if isinstance(M, bool) or not isinstance(M, numbers.Integral):
+        raise TypeError(f"M must be a Python int, got {type(M).__name__}")
+    if M < 1:
+        raise ValueError(f"M must be >= 1, got {M}")
+    if dtype not in v.FLOATING:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    return _annealed_weights_op(first, last, int(M), device, dtype)
+
+
+def _fold_eta(eta, weights: Tensor) -> tuple[float, Tensor]:
+    """Python eta goes to the kernel as a float; a 0-d tensor eta is folded into the weights on
+    device (a tiny op on M values) so its value is never read on the host."""
+    if isinstance(eta, Tensor):
+        v.tensor("eta", eta)
+        if eta.dim() != 0:
+            raise ValueError(f"eta must be a number or a 0-d tensor, got shape {tuple(eta.shape)}")
+        v.same_device(weights.device, eta=eta)
+        return 1.0, weights * eta
+    return v.number("eta", eta), weights
+
+
+def _check_scale(scale: Tensor | None, x: Tensor, x_name: str, expected_rows: tuple[int, ...]):
+    if scale is None:
+        return
+    v.tensor("scale", scale)
+    if x.dim() == 0:
+        raise ValueError(f"scale needs a batch dimension, but {x_name} is 0-d")
+    v.same_device(x.device, scale=scale)
+    v.shape("scale", scale, expected_rows + (x.shape[0],))
+
+
+def cfg_accumulate(
+    x0: Tensor,
+    grads: Tensor | Sequence[Tensor],
+    weights: Tensor,
+    eta: float | Tensor = 1.0,
+    scale: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """All M functional-gradient steps of (annealed) CFG in one pass over memory.
+
+    ``out = x0 + eta * sum_m weights[m] * scale[m] * grads[m]`` where ``scale[m]`` (one value per
+    sample, shape ``(B,)``) broadcasts over each sample's other dimensions.
+
+    Args:
+        x0: ``(B, ...)`` starting samples (any shape if ``scale`` is None), floating dtype.
+        grads: a tensor ``(M, *x0.shape)`` or a list/tuple of M tensors shaped like ``x0``; same
+            dtype and device as ``x0``. A list is read in place, never stacked.
+        weights: ``(M,)`` floating tensor on ``x0``'s device, e.g. :func:`annealed_weights`.
+        eta: step size, a Python number or a 0-d floating tensor (kept on device).
+        scale: optional ``(M, B)`` floating per-sample factors ``s_m`` (e.g. ``sigmoid(-D)``).
+        out: optional tensor shaped like ``x0`` with its dtype and device to write into; it may
+            be ``x0`` itself for an in-place update. Default: a new tensor.
+
+    Returns:
+        ``out`` (x0's dtype). Math in float32, float64 for float64 inputs; one rounding at the end.
+        Not differentiable (it moves samples along gradients already computed).
+
+    Raises:
+        TypeError: non-tensor or non-floating inputs, dtype differing from ``x0``.
+        ValueError: M = 0, wrong shapes or list length, tensors on different devices, an
+            ``out`` with overlapping memory.
+    """
+    v.tensor("x0", x0)
+    v.tensor("weights", weights)
+    if weights.dim() != 1 or weights.shape[0] == 0:
+        raise ValueError(f"weights must have shape (M,) with M >= 1, got {tuple(weights.shape)}")
+    M = weights.shape[0]
+    device = x0.device
+    v.same_device(device, weights=weights)
+    if isinstance(grads, Tensor):
+        v.tensor("grads", grads)
+        v.same_device(device, grads=grads)
+        v.same_dtype("grads", grads, x0.dtype, "x0")
+        v.shape("grads", grads, (M, *x0.shape))
+        op = _cfg_accumulate_op
+    else:
+        grads = v.tensor_list("grads", grads)
+        if len(grads) != M:
+            raise ValueError(f"grads has {len(grads)} tensors but weights has M = {M} entries")
+        for i, g in enumerate(grads):
+            v.same_device(device, **{f"grads[{i}]": g})
+            v.same_dtype(f"grads[{i}]", g, x0.dtype, "x0")
+            v.shape(f"grads[{i}]", g, x0.shape)
+        op = _cfg_accumulate_list_op
+    _check_scale(scale, x0, "x0", (M,))
+    eta, weights = _fold_eta(eta, weights)
+    if out is None:
+        out = torch.empty_like(x0)
+    else:
+        v.tensor("out", out)
+        v.same_device(device, out=out)
+        v.same_dtype("out", out, x0.dtype, "x0")
+        v.shape("out", out, x0.shape)
+        v.no_internal_overlap("out", out)
+    op(x0, grads, weights, eta, scale, out)
+    return out
+
+
+def cfg_step_(
+    x: Tensor,
+    grad: Tensor,
+    weight: float | Tensor,
+    eta: float | Tensor = 1.0,
+    scale: Tensor | None = None,
+) -> Tensor:
+    """One CFG step in place: ``x += eta * weight * scale * grad``.
+
+    Args:
+        x: ``(B, ...)`` samples (any shape if ``scale`` is None), floating dtype; updated in place.
+        grad: shaped like ``x``, same dtype and device.
+        weight, eta: Python numbers or 0-d floating tensors on ``x``'s device (kept on device).
+        scale: optional ``(B,)`` floating per-sample factors.
+
+    Returns:
+        ``x``. Math in float32 (float64 for float64 inputs), one rounding.
+
+    Raises:
+        TypeError / ValueError as :func:`cfg_accumulate`; ValueError if ``x`` has overlapping
+        memory.
+    """
+    v.tensor("x", x)
+    v.tensor("grad", grad)
+    device = x.device
+    v.same_device(device, grad=grad)
+    v.same_dtype("grad", grad, x.dtype, "x")
+    v.shape("grad", grad, x.shape)
+    v.no_internal_overlap("x", x)
+    _check_scale(scale, x, "x", ())
+    weight = v.scalar("weight", weight, device, v.acc_dtype(x.dtype))
+    eta, weight = _fold_eta(eta, weight)
+    _cfg_step_op(x, grad, weight, eta, scale)
+    return x

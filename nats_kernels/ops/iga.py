@@ -1,0 +1,74 @@
+"""SPEC §5: best-response constraint, implicit gradient approximation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _validate as v
+from .._dispatch import kernel
+
+
+@torch.library.custom_op("nats_kernels::iga_ratio", mutates_args=())
+def _iga_ratio_op(gf: list[Tensor], gF: list[Tensor], eps: float) -> Tensor:
+    return kernel("iga_ratio", gf[0].device)(gf, gF, eps)
+
+
+@_iga_ratio_op.register_fake
+def _(gf, gF, eps):
+    return gf[0].new_empty((), dtype=v.acc_dtype(gf[0].dtype))
+
+
+@torch.library.custom_op("nats_kernels::iga_correction_", mutates_args=("g",))
+def _iga_correction_op(g: list[Tensor], gf: list[Tensor], r: Tensor) -> None:
+    kernel("iga_correction_", g[0].device)(g, gf, r)
+
+
+_iga_correction_op.register_fake(lambda *args: None)
+
+
+def iga_ratio(gf_D: Sequence[Tensor], gF_D: Sequence[Tensor], eps: float = 1e-12) -> Tensor:
+    """The IGA ratio ``r = <df/dD, dF/dD> / (<df/dD, df/dD> + eps)`` (BRC paper, eq. 9).
+
+    Args:
+        gf_D: gradients of the discriminator loss f w.r.t. the discriminator parameters.
+        gF_D: gradients of the generator loss F w.r.t. the same parameters, position by position
+            the same shapes; one floating dtype and one device for both lists.
+        eps: a non-negative Python number added to the denominator.
+
+    Returns:
+        A new 0-d tensor on device, float32 (float64 for float64 inputs). Sums run over all
+        elements of all tensors in one pass. No host synchronization.
+
+    Raises:
+        TypeError / ValueError as :func:`nats_kernels.multi_dot`; ValueError for a negative or
+        non-finite eps.
+    """
+    (gf_D, gF_D), _, _ = v.paired_lists(("gf_D", "gF_D"), (gf_D, gF_D))
+    eps = v.number("eps", eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return _iga_ratio_op(gf_D, gF_D, eps)
+
+
+def iga_correction_(g_G: Sequence[Tensor], gf_G: Sequence[Tensor], r: float | Tensor) -> None:
+    """``g_G[p] -= r * gf_G[p]`` in place: the generator gradient dF/dG - r * df/dG.
+
+    Args:
+        g_G: generator gradients (dF/dtheta_G), updated in place.
+        gf_G: df/dtheta_G, position by position the same shapes; one floating dtype and device.
+        r: the ratio from :func:`iga_ratio`, a 0-d tensor (never read on the host) or a number.
+
+    Math in float32 (float64 for float64 inputs), one rounding per element.
+
+    Raises:
+        TypeError / ValueError as :func:`nats_kernels.multi_dot`; ValueError for a ``g_G`` tensor
+        with overlapping memory or a non-0-d ``r``.
+    """
+    (g_G, gf_G), device, dtype = v.paired_lists(("g_G", "gf_G"), (g_G, gf_G))
+    for i, t in enumerate(g_G):
+        v.no_internal_overlap(f"g_G[{i}]", t)
+    _iga_correction_op(g_G, gf_G, v.scalar("r", r, device, v.acc_dtype(dtype)))
