@@ -1,0 +1,73 @@
+"""Shared test utilities: the one tolerance table, the backend/device cases, tensor makers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import nats_kernels as nk
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# The one table of tolerances: a result in `dtype` against a float64 oracle computed from the
+# same (already rounded) inputs. Accumulation is float32/float64, so what remains is the final
+# rounding to `dtype` plus float32 summation error.
+TOL = {
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+    torch.float32: dict(rtol=2e-5, atol=1e-6),
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+}
+
+# Sizes chosen to miss every power of two and vector width.
+AWKWARD = (1, 7, 59, 97, 1025)
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def cases(*ops: str) -> list:
+    """(device, backend) pairs for which every op in ``ops`` has a kernel: the suite runs on each
+    backend that implements the op, and on nothing that does not (no skips)."""
+    out = []
+    for device in devices():
+        for name, info in nk.backends().items():
+            if not info["available"] or not all(op in info["ops"] for op in ops):
+                continue
+            if name == "cpu" and device != "cpu":
+                continue
+            if name == "cuda" and device != "cuda":
+                continue
+            if name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+                continue
+            out.append(pytest.param(device, name, id=f"{device}-{name}"))
+    return out
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what=""):
+    """Compare a result in ``dtype`` with a float64 oracle, NaN equal to NaN; the message names
+    the dtype and torch.testing reports the worst element and how many mismatch."""
+    assert actual.dtype == dtype or dtype is None, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    torch.testing.assert_close(
+        actual.double(),
+        expected.double(),
+        equal_nan=True,
+        **TOL[dtype if dtype is not None else actual.dtype],
+        msg=lambda m: f"{what} [{dtype}]: {m}",
+    )
+
+
+def make(shape, dtype, device="cpu", *, seed=0, noncontiguous=False, scale=1.0):
+    """Random normal tensor of ``shape`` in ``dtype`` (drawn in float64, then rounded).
+    ``noncontiguous=True`` returns every other element of a buffer twice as long in the last
+    dim: same shape and values distribution, non-unit strides."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = tuple(shape)
+    if not noncontiguous:
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+    wide = shape[:-1] + (2 * shape[-1],) if shape else (2,)
+    buf = (torch.randn(wide, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
+    return buf[..., ::2] if shape else buf[0]
