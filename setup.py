@@ -76,7 +76,8 @@ def _extensions():
             raise RuntimeError(f"NATS_KERNELS_FORCE_CUDA=1 but {why}")
         _say(f"{why}: not building the CUDA extension (CUDA tensors use Triton or the reference)")
     elif not (force or torch.cuda.is_available()):
-        _say("no GPU visible: not building the CUDA extension (NATS_KERNELS_FORCE_CUDA=1 forces it)")
+        _say("no GPU visible: not building the CUDA extension "
+             "(NATS_KERNELS_FORCE_CUDA=1 forces it)")
     else:
         exts.append(
             cpp_extension.CUDAExtension(

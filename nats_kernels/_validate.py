@@ -30,7 +30,9 @@ def tensor(name: str, t, *, floating: bool = True) -> torch.Tensor:
 def same_device(device: torch.device, **named: torch.Tensor | None) -> None:
     for name, t in named.items():
         if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device}, expected {device} (all tensors on one device)")
+            raise ValueError(
+                f"{name} is on {t.device}, expected {device} (all tensors on one device)"
+            )
 
 
 def shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:

@@ -1,4 +1,6 @@
-"""nats_kernels dropped into a plain CFG-style generator update (runnable: python python/cfg_in_trainer.py).
+"""nats_kernels dropped into a plain CFG-style generator update.
+
+Run: python python/cfg_in_trainer.py [--steps N]
 
 A small GAN on the 8-mode ring. The discriminator trains as usual; the generated batch is moved
 by M functional-gradient steps of grad_x D (SPEC §1) with the annealed weights of NATS. Lines
