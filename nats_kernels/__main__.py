@@ -109,7 +109,8 @@ def tour(device: str = "cpu", seed: int = 0) -> list[dict]:
     ours, t_ours = _timed(aw_fused)
     base, t_base = _timed(aw_official)
     rows.append(dict(op="multi_dot+aw_weights+aw_combine_",
-                     backend=backend_name("aw_combine_", dev), baseline="official aw_loss.py procedure", diff=_max_rel_diff(ours, base),
+                     backend=backend_name("aw_combine_", dev),
+                     baseline="official aw_loss.py procedure", diff=_max_rel_diff(ours, base),
                      ours=t_ours, base=t_base))
 
     # BRC / IGA correction on the same lists
