@@ -93,7 +93,8 @@ def aw_weights(
     Python code.
 
     Args:
-        dots: ``(3,)`` floating tensor ``(<g_r,g_r>, <g_f,g_f>, <g_r,g_f>)``, e.g. :func:`multi_dot`.
+        dots: ``(3,)`` floating tensor ``(<g_r,g_r>, <g_f,g_f>, <g_r,g_f>)``, e.g. from
+            :func:`multi_dot`.
         real_logits, fake_logits: raw discriminator outputs, any non-empty shape, floating,
             on dots' device.
         normalized, alpha1, alpha2, delta, eps: Python values (configuration, not device values).
@@ -147,4 +148,6 @@ def aw_combine_(
     for i, t in enumerate(out):
         v.no_internal_overlap(f"out[{i}]", t)
     acc = v.acc_dtype(dtype)
-    _aw_combine_op(out, g_r, g_f, v.scalar("w_r", w_r, device, acc), v.scalar("w_f", w_f, device, acc))
+    w_r = v.scalar("w_r", w_r, device, acc)
+    w_f = v.scalar("w_f", w_f, device, acc)
+    _aw_combine_op(out, g_r, g_f, w_r, w_f)
