@@ -90,7 +90,8 @@ def aw_weights(
     ``s_r < alpha1 or s_r < s_f - delta`` (rf <= 0 / rf > 0), else case 3/4 when
     ``s_r > alpha2 and s_r > s_f - delta``, else case 5. ``normalized=True`` is Algorithm 1
     (1/||g|| factors), ``False`` Algorithm 2. Comparisons with NaN are false, as in the official
-    Python code.
+    Python code: a NaN ``s_r`` gives case 5, and a NaN ``rf`` fails ``rf <= 0`` and takes the
+    rf > 0 column (case 2 or 4).
 
     Args:
         dots: ``(3,)`` floating tensor ``(<g_r,g_r>, <g_f,g_f>, <g_r,g_f>)``, e.g. from

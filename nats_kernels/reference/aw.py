@@ -38,7 +38,10 @@ def aw_weights_ref(dots, real_logits, fake_logits, normalized, alpha1, alpha2, d
 
     real_weak = (s_r < alpha1) | (s_r < s_f - delta)
     real_strong = (s_r > alpha2) & (s_r > s_f - delta)
-    aligned = rf > 0  # rf <= 0 is the "conflicting gradients" column of the table
+    # rf <= 0 is the "conflicting gradients" column of the table. The official code tests
+    # `rdotf <= 0`, so a NaN rf (a comparison that is false) takes the rf > 0 column: write the
+    # test the same way round rather than as `rf > 0`, which differs for NaN.
+    aligned = ~(rf <= 0)
 
     one = torch.ones((), dtype=torch.int64, device=dots.device)
     case = torch.where(
