@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -10,3 +11,20 @@ def _backend_override(request, monkeypatch):
     if backend is not None:
         monkeypatch.setenv("NATS_KERNELS_BACKEND", backend)
     yield
+
+
+@pytest.fixture(autouse=True)
+def threads(request):
+    """Run tests marked single_thread with one thread, and give them a way back to the pool.
+
+    On a shared 2-core machine every parallel region of a 2-thread OpenMP pool can wait a whole
+    time slice for a descheduled thread: tiny backward passes and 40k-element reductions were
+    measured 100x-1000x slower than with one thread. The ``*_threaded`` tests call
+    ``threads()`` to run the ops under the full pool, so that a multi-threaded CPU kernel still
+    has its split reductions and split writes checked (the huge-ish tensor there is larger than
+    one parallel grain)."""
+    n = torch.get_num_threads()
+    if request.node.get_closest_marker("single_thread"):
+        torch.set_num_threads(1)
+    yield lambda: torch.set_num_threads(n)
+    torch.set_num_threads(n)

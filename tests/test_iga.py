@@ -15,35 +15,17 @@ import torch.nn.functional as F
 from helpers import AWKWARD, DTYPES, TOL, assert_close, cases, make
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from listops import LAYOUTS, acc, assert_unchanged, snapshot, tensor_list
 
 import nats_kernels as nk
 
 # The autouse fixtures (backend, threads) are function scoped; they set the same environment
 # variable and thread count for every example of a test, so sharing them is what we want.
+pytestmark = pytest.mark.single_thread
+
 PROPERTY = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-@pytest.fixture(autouse=True)
-def threads():
-    """Run each test single-threaded, and give it a way back to the full thread pool.
-
-    On a shared 2-core machine every parallel region of a 2-thread OpenMP pool can wait a whole
-    time slice for a descheduled thread: tiny backward passes and 40k-element reductions were
-    measured 100x-1000x slower than with one thread. The ``*_threaded`` tests call
-    ``threads()`` to run the ops under the full pool, so that a multi-threaded CPU kernel still
-    has its split reductions and split writes checked (the huge-ish tensor there is larger than
-    one parallel grain)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield lambda: torch.set_num_threads(n)
-    torch.set_num_threads(n)
-
-
-def acc(dtype: torch.dtype) -> torch.dtype:
-    """SPEC's accumulation / result dtype of the reductions: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # Lists of shapes: awkward sizes, 0-d and zero-size tensors mixed in, one huge-ish tensor among
@@ -56,44 +38,6 @@ SHAPE_LISTS = {
     "single": [(97, 59)],
     "single-0d": [()],
 }
-LAYOUTS = ("contiguous", "strided", "transposed", "mixed")
-
-
-def tensor_like(shape, dtype, device, seed, layout, scale=1.0):
-    """A tensor of ``shape``: contiguous, strided (every other element of a wider buffer), or a
-    transposed view (1-d and 0-d shapes fall back to strided)."""
-    shape = tuple(shape)
-    if layout == "transposed" and len(shape) >= 2:
-        base = make(shape[:-2] + (shape[-1], shape[-2]), dtype, device, seed=seed, scale=scale)
-        t = base.transpose(-1, -2)
-        assert t.shape == shape
-        return t
-    return make(shape, dtype, device, seed=seed, noncontiguous=layout != "contiguous", scale=scale)
-
-
-def tensor_list(shapes, dtype, device, seed, layout, which=0, scale=1.0):
-    """A list of tensors; ``layout="mixed"`` cycles the layouts by position and by list."""
-    plain = ("contiguous", "strided", "transposed")
-    return [
-        tensor_like(
-            s, dtype, device, seed * 1000 + p,
-            plain[(p + which) % 3] if layout == "mixed" else layout, scale,
-        )
-        for p, s in enumerate(shapes)
-    ]
-
-
-def snapshot(ts):
-    return [t.clone() for t in ts]
-
-
-def assert_unchanged(ts, before, what):
-    """Bit for bit the same values (NaN where there was NaN)."""
-    for p, (t, b) in enumerate(zip(ts, before)):
-        same = (t == b) | (t.isnan() & b.isnan())
-        assert t.dtype == b.dtype and t.shape == b.shape and same.all(), f"{what}[{p}] modified"
-
-
 def oracle_ratio(gf, gF, eps) -> torch.Tensor:
     """<gf, gF> / (<gf, gf> + eps) in float64."""
     num = den = torch.zeros((), dtype=torch.float64)
