@@ -11,7 +11,8 @@ from torch import Tensor
 from .. import _validate as v
 from .._dispatch import kernel
 
-#: Workspace the median may use by default (tiles, histograms, kept keys), in bytes.
+#: Workspace the median may use by default for distance tiles and kept keys, in bytes (the
+#: centred work copy of the inputs and the (B, 65536) histograms come on top).
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
