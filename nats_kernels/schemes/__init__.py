@@ -1,0 +1,29 @@
+"""Drop-in training schemes for existing GAN trainers (SPEC.md §7).
+
+Each wrapper leaves the optimizer step to the caller, so it replaces one ``loss.backward()``
+line of a trainer that already has ``loss.backward(); opt.step()``:
+
+- :class:`AWLoss` -- adaptive weighted discriminator loss (aw-loss, SPEC §4);
+- :class:`BRC` -- best-response constraint with the implicit gradient approximation (SPEC §5);
+- :func:`nested_schedule` / :class:`NestedTrainer` -- NTS / NATS / CTS (SPEC §2);
+- :class:`AnnealedCFG` -- composite functional gradient GAN with annealed weights (SPEC §1);
+- :func:`initial_weight_distances` / :func:`preset_weights` -- NATS Technique 1 (SPEC §3).
+"""
+
+from ..ops import annealed_weights
+from .aw import AWLoss
+from .brc import BRC
+from .cfg import AnnealedCFG
+from .distances import initial_weight_distances, preset_weights
+from .nested import NestedTrainer, nested_schedule
+
+__all__ = [
+    "AWLoss",
+    "AnnealedCFG",
+    "BRC",
+    "NestedTrainer",
+    "annealed_weights",
+    "initial_weight_distances",
+    "nested_schedule",
+    "preset_weights",
+]

@@ -1,0 +1,339 @@
+"""SPEC §2: the nested (annealed) training scheme -- NTS / NATS, and CTS as its ``n_d = 1`` case.
+
+A schedule, not a kernel: it decides *when* the discriminator and the generator step and with
+which weight. :func:`nested_schedule` is the bare order of one outer iteration;
+:class:`NestedTrainer` drives a user's own step functions over it, with three ways of letting the
+weight act (``mode``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ..ops import cfg_accumulate
+
+MODES = ("loss", "lr", "accumulate")
+
+
+def _check_n_d_k(n_d, k) -> tuple[int, int]:
+    for name, value in (("n_d", n_d), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(n_d), int(k)
+
+
+def _check_weights(weights, n_d: int) -> list[float] | Tensor | None:
+    """None, a length-n_d sequence of finite positive numbers (-> list of floats) or a 1-D
+    floating tensor of length n_d (returned as is; its values are never read on the host)."""
+    if weights is None:
+        return None
+    if isinstance(weights, Tensor):
+        if not weights.is_floating_point():
+            raise TypeError(f"weights must be a floating tensor, got dtype {weights.dtype}")
+        if weights.dim() != 1 or weights.shape[0] != n_d:
+            raise ValueError(
+                f"weights must have shape (n_d,) = ({n_d},), got {tuple(weights.shape)}"
+            )
+        return weights
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise TypeError(
+            f"weights must be None, a sequence of numbers or a 1-D tensor, "
+            f"got {type(weights).__name__}"
+        )
+    if len(weights) != n_d:
+        raise ValueError(f"weights has {len(weights)} entries but n_d = {n_d}")
+    out = []
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise TypeError(f"weights[{i}] must be a Python number, got {type(w).__name__}")
+        if not (math.isfinite(w) and w > 0):
+            raise ValueError(f"weights[{i}] must be positive and finite, got {w}")
+        out.append(float(w))
+    return out
+
+
+def nested_schedule(
+    n_d: int, weights: Sequence[float] | Tensor | None = None, k: int = 1
+) -> Iterator[tuple[str, float | Tensor | None]]:
+    """The order of one outer iteration of the nested training scheme (SPEC §2)::
+
+        for j in 1..n_d:
+            k times: ("D", None)
+            for i in 1..j: ("G", w[i])
+
+    so it yields ``n_d * k`` D items and ``n_d * (n_d + 1) / 2`` G items. Block ``j`` uses the
+    first ``j`` weights, in order: every block restarts at ``w[1]``.
+
+    - ``weights=None``: all ones -- NTS.
+    - ``weights=nk.annealed_weights(1, 0.01, n_d)`` (or ``[1, 0.01]``-style presets, see
+      :func:`~nats_kernels.schemes.preset_weights`): NATS.
+    - ``n_d=1`` (and ``weights=None`` or ``[1]``): the common alternating scheme, CTS.
+
+    Args:
+        n_d: nesting number N_d, a Python int >= 1 (paper: 5/10/15/20 for GAN, LSGAN, WGAN,
+            hinge; 4 for BigGAN; 2 for DDGAN).
+        weights: None, a sequence of ``n_d`` positive finite Python numbers (yielded as Python
+            floats), or a 1-D floating tensor of length ``n_d`` (yielded as its 0-d elements,
+            views that stay on the tensor's device: no host sync; values are not checked).
+        k: discriminator steps per block (K; 1 in the paper), a Python int >= 1.
+
+    Returns:
+        An iterator over ``(kind, weight)`` pairs: ``("D", None)`` or ``("G", w)``. Arguments
+        are checked when this function is called, not on the first ``next()``.
+
+    Raises:
+        TypeError: non-int ``n_d``/``k``, weights of the wrong type or dtype.
+        ValueError: ``n_d < 1``, ``k < 1``, weights of the wrong length/shape, a non-positive or
+            non-finite weight number.
+    """
+    n_d, k = _check_n_d_k(n_d, k)
+    checked = _check_weights(weights, n_d)
+    return _schedule(n_d, checked, k)
+
+
+def _schedule(n_d: int, weights, k: int):
+    for j in range(1, n_d + 1):
+        for _ in range(k):
+            yield ("D", None)
+        for i in range(j):
+            yield ("G", 1.0 if weights is None else weights[i])
+
+
+class NestedTrainer:
+    """Drive a user's discriminator and generator steps over the nested schedule (SPEC §2).
+
+    ::
+
+        def d_step():                       # the trainer's usual discriminator step
+            opt_d.zero_grad(); d_loss(...).backward(); opt_d.step()
+
+        def g_step(w):                      # mode="loss": the usual G step, loss times w
+            opt_g.zero_grad(); (w * g_loss(...)).backward(); opt_g.step()
+
+        trainer = NestedTrainer(d_step, g_step, n_d=5, weights=nk.annealed_weights(1, .01, 5))
+        trainer.run(n_outer)                # or trainer.run_outer() inside your own loop
+
+    One outer iteration (:meth:`run_outer`) is, for ``j = 1..n_d``: ``k`` calls of ``d_step()``,
+    then ``j`` generator steps weighted ``w[1..j]``. How the weight acts depends on ``mode``, and
+    so does the contract of ``g_step``:
+
+    ``mode="loss"`` (default; the paper's NATS, Algorithm 3 line 10)
+        ``g_step(w)`` is the user's complete generator step (zero_grad, forward on a fresh
+        ``z``, backward, optimizer step) on the loss multiplied by ``w``. ``w`` is a Python float
+        (weights None or numbers) or a 0-d tensor element of ``weights`` (kept on its device).
+        The trainer only calls it; ``g_optimizer``/``generator`` are not needed (ignored).
+
+    ``mode="lr"``
+        ``g_step()`` -- called **without arguments** -- is the user's complete generator step on
+        the *unweighted* loss. Around each call the trainer sets the ``lr`` of every param group
+        of ``g_optimizer`` to ``lr * w`` and afterwards restores the previous value exactly (the
+        same Python float object, or for a tensor lr an in-place copy of the saved value), also
+        when ``g_step`` raises. Tensor weights are read to the host **once**, at construction.
+        Do not step an LR scheduler inside ``g_step``: the restore would undo it.
+
+    ``mode="accumulate"``
+        ``g_step()`` -- called **without arguments** -- returns the generator's *unweighted*
+        scalar loss tensor on a fresh ``z`` and does **not** call backward or step. For each
+        block ``j`` the trainer evaluates the ``j`` losses at the same generator parameters,
+        takes ``torch.autograd.grad`` of each over the generator parameters (those of
+        ``generator``, else those of ``g_optimizer``, that require grad), combines them
+        per parameter with ``nk.cfg_accumulate`` into ``sum_i w[i] * grad_i`` in one pass, writes
+        that into ``.grad`` (overwriting what was there; a parameter no loss reached keeps
+        ``.grad`` None) and calls ``g_optimizer.step()`` once. So a block makes ``j`` generator
+        forward/backward passes but one optimizer step: it is *not* the same trajectory as
+        ``"loss"`` (there the parameters move between the ``j`` steps), it is the weighted
+        gradient of the block's losses at the block's starting point. The ``j`` gradient sets of
+        a block are alive together until the step (memory: up to ``n_d`` generator gradients).
+
+    Why more than one mode: with Adam/RMSprop, a *constant* factor on the loss is almost
+    cancelled by the optimizer's normalisation (the update is nearly scale invariant; only
+    ``eps`` and the moment estimates' transient see it). In ``"loss"`` mode the annealing acts
+    through the *changing* scale across the consecutive steps of a block (the second-moment
+    estimate lags behind), which is what the paper does. ``"lr"`` applies ``w`` where such
+    optimizers do not cancel it (the step size); ``"accumulate"`` applies it as relative weights
+    between the block's gradients, which no optimizer cancels. With plain SGD, ``"loss"`` and
+    ``"lr"`` are the same update.
+
+    Args:
+        d_step: ``d_step()``, the complete discriminator step (return value ignored).
+        g_step: the generator step, see the modes above.
+        n_d, weights, k: as :func:`nested_schedule`. In ``"accumulate"`` mode number weights are
+            put on each parameter's device, in float32 (float64 for float64 parameters).
+        mode: ``"loss"``, ``"lr"`` or ``"accumulate"``.
+        g_optimizer: the generator's optimizer; required by ``"lr"`` and ``"accumulate"``.
+        generator: optional module whose parameters (those requiring grad) get the accumulated
+            gradient in ``"accumulate"`` mode; default: the parameters of ``g_optimizer``.
+
+    Attributes:
+        d_steps: ``d_step`` calls so far (``n_d * k`` per outer iteration).
+        g_steps: generator steps of the schedule so far, i.e. ``g_step`` calls
+            (``n_d * (n_d + 1) / 2`` per outer iteration, in every mode).
+        g_optimizer_steps: generator optimizer steps the trainer made (``"accumulate"``: ``n_d``
+            per outer iteration; 0 in the other modes, where ``g_step`` steps itself).
+        outer_steps: outer iterations completed.
+
+    Raises:
+        TypeError / ValueError: as :func:`nested_schedule`; non-callable steps; an unknown mode;
+            a missing ``g_optimizer`` in ``"lr"``/``"accumulate"`` mode; no trainable parameter.
+    """
+
+    def __init__(
+        self,
+        d_step: Callable[[], object],
+        g_step: Callable[..., object],
+        *,
+        n_d: int,
+        weights: Sequence[float] | Tensor | None = None,
+        k: int = 1,
+        mode: str = "loss",
+        g_optimizer: torch.optim.Optimizer | None = None,
+        generator: torch.nn.Module | None = None,
+    ):
+        if not callable(d_step):
+            raise TypeError(f"d_step must be callable, got {type(d_step).__name__}")
+        if not callable(g_step):
+            raise TypeError(f"g_step must be callable, got {type(g_step).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.n_d, self.k = _check_n_d_k(n_d, k)
+        self.weights = _check_weights(weights, self.n_d)
+        self.mode = mode
+        self.d_step = d_step
+        self.g_step = g_step
+        self.g_optimizer = g_optimizer
+        self.generator = generator
+        if mode != "loss" and not isinstance(g_optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"mode={mode!r} needs g_optimizer, a torch.optim.Optimizer, "
+                f"got {type(g_optimizer).__name__}"
+            )
+        if generator is not None and not isinstance(generator, torch.nn.Module):
+            raise TypeError(f"generator must be a torch.nn.Module, got {type(generator).__name__}")
+        if mode == "lr":
+            # One host read at construction; the per-step path only multiplies Python floats.
+            w = self.weights
+            self._lr_weights = (
+                [1.0] * self.n_d if w is None else w.tolist() if isinstance(w, Tensor) else w
+            )
+        if mode == "accumulate":
+            if generator is not None:
+                params = [p for p in generator.parameters() if p.requires_grad]
+            else:
+                groups = g_optimizer.param_groups
+                params = [p for g in groups for p in g["params"] if p.requires_grad]
+            if not params:
+                raise ValueError("accumulate mode found no generator parameter requiring grad")
+            self._params = params
+            self._acc_weights: dict[tuple, Tensor] = {}
+        self.d_steps = 0
+        self.g_steps = 0
+        self.g_optimizer_steps = 0
+        self.outer_steps = 0
+
+    # ------------------------------------------------------------------------------ driving
+
+    def schedule(self) -> Iterator[tuple[str, float | Tensor | None]]:
+        """:func:`nested_schedule` of this trainer's ``n_d``, ``weights`` and ``k``."""
+        return _schedule(self.n_d, self.weights, self.k)
+
+    def run(self, n_outer: int) -> None:
+        """Run ``n_outer`` outer iterations."""
+        if isinstance(n_outer, bool) or not isinstance(n_outer, numbers.Integral):
+            raise TypeError(f"n_outer must be a Python int, got {type(n_outer).__name__}")
+        if n_outer < 0:
+            raise ValueError(f"n_outer must be >= 0, got {n_outer}")
+        for _ in range(int(n_outer)):
+            self.run_outer()
+
+    def run_outer(self) -> None:
+        """One outer iteration: ``n_d * k`` discriminator steps, ``n_d(n_d+1)/2`` generator
+        steps, in the order of :func:`nested_schedule`."""
+        for j in range(1, self.n_d + 1):
+            for _ in range(self.k):
+                self.d_step()
+                self.d_steps += 1
+            if self.mode == "loss":
+                for i in range(j):
+                    self.g_step(1.0 if self.weights is None else self.weights[i])
+                    self.g_steps += 1
+            elif self.mode == "lr":
+                for i in range(j):
+                    self._lr_step(self._lr_weights[i])
+                    self.g_steps += 1
+            else:
+                self._accumulate_block(j)
+        self.outer_steps += 1
+
+    # ------------------------------------------------------------------------------ lr mode
+
+    def _lr_step(self, w: float) -> None:
+        groups = self.g_optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        copies = [lr.clone() if isinstance(lr, Tensor) else None for lr in saved]
+        try:
+            for g, lr in zip(groups, saved):
+                if isinstance(lr, Tensor):
+                    lr.mul_(w)
+                else:
+                    g["lr"] = lr * w
+            self.g_step()
+        finally:
+            for g, lr, copy in zip(groups, saved, copies):
+                if copy is not None:
+                    lr.copy_(copy)
+                g["lr"] = lr
+
+    # ---------------------------------------------------------------------- accumulate mode
+
+    def _weights_on(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (device, acc)
+        w = self._acc_weights.get(key)
+        if w is None:
+            if isinstance(self.weights, Tensor):
+                w = self.weights.to(device=device)
+            elif self.weights is None:
+                w = torch.ones(self.n_d, device=device, dtype=acc)
+            else:
+                w = torch.tensor(self.weights, dtype=acc).to(device)
+            self._acc_weights[key] = w
+        return w
+
+    def _accumulate_block(self, j: int) -> None:
+        params = self._params
+        per_step = []
+        for _ in range(j):
+            loss = self.g_step()
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+                raise TypeError(
+                    "in accumulate mode g_step() must return the generator loss as a 0-d "
+                    f"tensor (no backward, no step), got {shape}"
+                )
+            per_step.append(torch.autograd.grad(loss, params, allow_unused=True))
+            self.g_steps += 1
+        for p_index, p in enumerate(params):
+            grads = [step[p_index] for step in per_step]
+            present = [i for i, g in enumerate(grads) if g is not None]
+            if not present:
+                continue
+            w = self._weights_on(p.device, p.dtype)
+            if len(present) == j:
+                used, w_used = grads, w[:j]
+            else:  # some losses did not reach p: sum over those that did
+                used = [grads[i] for i in present]
+                w_used = w[torch.tensor(present, device=p.device)]
+            # x0 = zeros that take no memory (stride 0): out = sum_i w_i * g_i in one pass.
+            zero = torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)
+            out = p.grad if (p.grad is not None and p.grad.shape == p.shape
+                             and p.grad.dtype == p.dtype and not p.grad.is_sparse) else None
+            p.grad = cfg_accumulate(zero, used, w_used, out=out)
+        self.g_optimizer.step()
+        self.g_optimizer_steps += 1
