@@ -1,0 +1,467 @@
+"""SPEC §1: composite functional gradient GAN (CFG) with the annealed weights of NATS.
+
+A port of the official algorithm (``riejohnson/cfg-gan-pt``, ``cfggan.py``: ``DDG.icfg``,
+``DDG.generate``, ``DDG.approximate``) with the weight vector ``w`` added, on the training
+device throughout: samples never leave the device, each functional-gradient step is one
+``torch.autograd.grad`` of ``D_m(x).sum()`` plus one fused in-place ``nk.cfg_step_``, and nothing
+on the per-step path reads a device value back to the host.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validate import acc_dtype
+from ..ops import cfg_step_
+
+SCALES = ("kl", "logd", "js")
+
+
+def _int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return float(value)
+
+
+def default_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    """The official optimizer for D and the approximator: RMSprop(alpha=0.95, eps=1e-18)."""
+    return torch.optim.RMSprop(params, lr=lr, alpha=0.95, eps=1e-18)
+
+
+class AnnealedCFG:
+    """Annealed CFG (SPEC §1): a generator ``G`` plus ``M`` discriminator snapshots.
+
+    A sample is ``x_0 = G(z)`` moved by ``M`` functional-gradient steps,
+    ``x_m = x_{m-1} + eta * w_m * s_m(x_{m-1}) * grad_x D_m(x_{m-1})``, where ``D_m`` is the
+    ``m``-th snapshot of the discriminator taken during the current stage. One stage
+    (:meth:`train_stage`) is::
+
+        for t in 0..M-1:
+            U times: xr = next real batch (B rows); z ~ z_std * N(0, I) of shape (B, *z_dim);
+                     x = G(z) moved through snapshots 0..t-1;
+                     one optimizer step of D on mean(softplus(-D(xr))) + mean(softplus(D(x)))
+            snapshot t = copy of D (parameters and buffers)
+        approximator: N pairs (z, x_M) through all M snapshots, generated in batches of
+            batch_size (one z draw per batch); then x_epochs epochs, each over a fresh
+            randperm(N), in batches of batch_size, of one optimizer step of G on
+            sum((G(z) - x_M)^2) / (2 * batch); G's optimizer is created anew each stage.
+
+    The discriminator and its optimizer persist across stages; the snapshots are overwritten
+    each stage. ``G`` runs in eval mode while producing samples (as the official
+    ``is_train=False``) and in train mode while it is fitted; its previous mode is restored.
+    Snapshots run in the mode ``D`` was in when they were taken. Not included: the official
+    ``initialize_G`` (fitting ``G`` to a random projection before the first stage) -- start from
+    any ``G`` you like.
+
+    Random numbers, in this order, from ``rng`` (or the global generator of the device): one
+    ``torch.randn((B, *z_dim))`` per discriminator step, one ``torch.randn((n, *z_dim))`` per
+    approximator batch to generate, one ``torch.randperm(N)`` per approximator epoch, all on the
+    training device; ``z_std != 1`` multiplies the normal draw.
+
+    Host syncs: none per step. The approximator's learning-rate rule of the official code
+    (multiply lr by ``approx_decay`` when an epoch's mean loss went up, at most
+    ``approx_redmax`` times per stage) reads that mean once per epoch; it also raises on a NaN
+    mean there. ``approx_decay=0`` switches the rule off and with it the last host read.
+
+    Args:
+        generator: ``G``, an ``nn.Module`` mapping ``(B, *z_dim)`` to samples. Its output is
+            updated in place by the functional-gradient steps, so it must be a fresh tensor
+            (not a parameter or a view of one).
+        discriminator: ``D``, an ``nn.Module`` mapping samples to one logit per sample
+            (``(B,)`` or ``(B, 1)``; more outputs per sample are fine with ``scale="kl"``).
+            Same device as ``G``. ``M`` deep copies are kept as snapshots.
+        M: number of functional-gradient steps and of snapshots (cfg_T, 15 in the paper).
+        eta: step size (cfg_eta; official 0.5/2.5/0.1 MNIST, 0.25/0.5 SVHN, 1.0/2.5/0.5
+            LSUN-64), a positive Python number.
+        weights: the annealed weight vector, a 1-D floating tensor or a sequence of ``M``
+            positive numbers, e.g. ``nk.annealed_weights(1, 0.01, M)`` (below 128x128) or
+            ``nk.annealed_weights(20, 1, M)`` (256x256) -- see
+            :func:`~nats_kernels.schemes.preset_weights`.
+            ``None`` (explicitly) is plain CFG, ``w = 1``. Checked positive and finite once,
+            here; kept on the device in float32 (float64 for float64 samples).
+        U: discriminator updates per snapshot (cfg_U).
+        N: generated examples the approximator fits per stage (cfg_N).
+        x_epochs: approximator epochs per stage (cfg_x_epo).
+        lr: learning rate of D's and the approximator's optimizer (2.5e-4 official).
+        batch_size: approximator batch size (the discriminator's batch is the real batch's).
+        z_dim: latent shape, an int or a tuple of ints (e.g. ``(100, 1, 1)``).
+        z_std: standard deviation of the latent normal.
+        scale: per-sample factor ``s_m``: ``"kl"`` (s = 1, the official code), ``"logd"``
+            (``sigmoid(-D_m(x))``) or ``"js"`` (``sigmoid(D_m(x))``); needs one logit per sample.
+        optimizer: ``optimizer(params, lr) -> torch.optim.Optimizer`` for D (once) and for G
+            (each stage); default :func:`default_optimizer`.
+        approx_decay: lr factor of the approximator's rule (0.1 official; 0 disables it).
+        approx_redmax: at most this many lr reductions per stage (3 official); None: no limit.
+        rng: an optional ``torch.Generator`` on the training device for every draw above.
+        d_backward: replaces the discriminator's ``loss.backward()``: called as
+            ``d_backward(loss_real, loss_fake, real_logits, fake_logits)`` with the two
+            terms of D's loss (``mean(softplus(-D(xr)))``, ``mean(softplus(D(x)))``) and the
+            raw logits, it writes D's gradients and returns the loss to log -- e.g.
+            ``AWLoss(discriminator).backward`` for aw-loss. Default: the sum's backward.
+
+    Attributes:
+        snapshots: the ``M`` discriminator copies. ``d_optimizer``: D's optimizer.
+        stage: completed stages. ``last_d_loss``: D's loss of the last step (0-d, detached).
+        last_approx_loss: the approximator's mean loss over its last epoch (0-d, detached).
+
+    Raises:
+        TypeError / ValueError: on arguments of the wrong type, range, length or device.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        *,
+        M: int = 15,
+        eta: float,
+        weights: Tensor | Sequence[float] | None,
+        U: int = 1,
+        N: int = 640,
+        x_epochs: int = 10,
+        lr: float = 2.5e-4,
+        batch_size: int = 64,
+        z_dim: int | Sequence[int] = 100,
+        z_std: float = 1.0,
+        scale: str = "kl",
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        approx_decay: float = 0.1,
+        approx_redmax: int | None = 3,
+        rng: torch.Generator | None = None,
+        d_backward: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
+    ):
+        for name, module in (("generator", generator), ("discriminator", discriminator)):
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
+        self.generator, self.discriminator = generator, discriminator
+        g_params = list(generator.parameters())
+        if not g_params:
+            raise ValueError("generator has no parameters")
+        self.device = g_params[0].device
+        self.z_dtype = g_params[0].dtype if g_params[0].is_floating_point() else torch.float32
+        for name, p in [("generator", q) for q in g_params] + [
+            ("discriminator", q) for q in discriminator.parameters()
+        ]:
+            if p.device != self.device:
+                raise ValueError(
+                    f"{name} has a parameter on {p.device}, expected {self.device} "
+                    "(generator and discriminator on one device)"
+                )
+        self.M = _int("M", M, 1)
+        self.eta = _positive("eta", eta)
+        self.U = _int("U", U, 1)
+        self.N = _int("N", N, 1)
+        self.x_epochs = _int("x_epochs", x_epochs, 1)
+        self.lr = _positive("lr", lr)
+        self.batch_size = _int("batch_size", batch_size, 1)
+        if isinstance(z_dim, numbers.Integral) and not isinstance(z_dim, bool):
+            z_dim = (z_dim,)
+        if not isinstance(z_dim, Sequence) or not z_dim:
+            raise TypeError(f"z_dim must be an int or a tuple of ints, got {z_dim!r}")
+        self.z_shape = tuple(_int("z_dim", d, 1) for d in z_dim)
+        self.z_std = _positive("z_std", z_std)
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        self.scale = scale
+        if optimizer is None:
+            optimizer = default_optimizer
+        if not callable(optimizer):
+            raise TypeError(f"optimizer must be callable, got {type(optimizer).__name__}")
+        self.make_optimizer = optimizer
+        if isinstance(approx_decay, bool) or not isinstance(approx_decay, numbers.Real):
+            raise TypeError(f"approx_decay must be a Python number, got {approx_decay!r}")
+        if not 0 <= approx_decay < 1:
+            raise ValueError(f"approx_decay must be in [0, 1), got {approx_decay}")
+        self.approx_decay = float(approx_decay)
+        self.approx_redmax = None if approx_redmax is None else _int(
+            "approx_redmax", approx_redmax, 0)
+        if rng is not None:
+            if not isinstance(rng, torch.Generator):
+                raise TypeError(f"rng must be a torch.Generator, got {type(rng).__name__}")
+            if rng.device.type != self.device.type:
+                raise ValueError(f"rng is on {rng.device}, expected a {self.device.type} generator")
+        self.rng = rng
+        if d_backward is not None and not callable(d_backward):
+            raise TypeError(f"d_backward must be callable or None, got {type(d_backward).__name__}")
+        self.d_backward = d_backward
+        self.weights = self._check_weights(weights)
+        self._weights_by_dtype: dict[torch.dtype, list[Tensor]] = {}
+
+        self.snapshots = [copy.deepcopy(discriminator) for _ in range(self.M)]
+        for snap in self.snapshots:
+            snap.requires_grad_(False)
+        self._d_state = self._tensors(discriminator)
+        self._snap_states = [self._tensors(s) for s in self.snapshots]
+        self.d_optimizer = self.make_optimizer(
+            [p for p in discriminator.parameters() if p.requires_grad], self.lr
+        )
+        self.stage = 0
+        self.last_d_loss: Tensor | None = None
+        self.last_approx_loss: Tensor | None = None
+        self._real_source = None
+        self._real_iter = None
+
+    # --------------------------------------------------------------------------- arguments
+
+    def _check_weights(self, weights) -> Tensor:
+        if weights is None:
+            return torch.ones(self.M, dtype=torch.float64, device=self.device)
+        if isinstance(weights, Tensor):
+            if not weights.is_floating_point():
+                raise TypeError(f"weights must be a floating tensor, got dtype {weights.dtype}")
+            if weights.dim() != 1 or weights.shape[0] != self.M:
+                raise ValueError(
+                    f"weights must have shape (M,) = ({self.M},), got {tuple(weights.shape)}"
+                )
+            w = weights.detach().to(device=self.device, dtype=torch.float64)
+        else:
+            if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+                raise TypeError(
+                    f"weights must be a 1-D tensor, a sequence of numbers or None, "
+                    f"got {type(weights).__name__}"
+                )
+            if len(weights) != self.M:
+                raise ValueError(f"weights has {len(weights)} entries but M = {self.M}")
+            for i, x in enumerate(weights):
+                if isinstance(x, bool) or not isinstance(x, numbers.Real):
+                    raise TypeError(f"weights[{i}] must be a number, got {type(x).__name__}")
+            w = torch.tensor([float(x) for x in weights], dtype=torch.float64).to(self.device)
+        # Construction is not the hot path: one host read to reject nonsense early.
+        if not bool(torch.all(torch.isfinite(w) & (w > 0))):
+            raise ValueError(f"weights must be positive and finite, got {w.tolist()}")
+        return w
+
+    @staticmethod
+    def _tensors(module: nn.Module) -> list[Tensor]:
+        return [*module.parameters(), *module.buffers()]
+
+    def _step_weights(self, dtype: torch.dtype) -> list[Tensor]:
+        """The M weights as 0-d device tensors in the accumulation dtype of ``dtype``."""
+        acc = acc_dtype(dtype)
+        ws = self._weights_by_dtype.get(acc)
+        if ws is None:
+            ws = list(self.weights.to(acc).unbind(0))
+            self._weights_by_dtype[acc] = ws
+        return ws
+
+    # ------------------------------------------------------------------------------ sampling
+
+    def _z(self, n: int) -> Tensor:
+        z = torch.randn((n, *self.z_shape), generator=self.rng, device=self.device,
+                        dtype=self.z_dtype)
+        return z if self.z_std == 1.0 else z * self.z_std
+
+    def _g_eval(self, z: Tensor) -> Tensor:
+        g = self.generator
+        was_training = g.training
+        g.eval()
+        try:
+            with torch.no_grad():
+                return g(z)
+        finally:
+            g.train(was_training)
+
+    def _move(self, x: Tensor, steps: int) -> Tensor:
+        """x through snapshots 0..steps-1, in place: x += eta * w_m * s_m * grad_x D_m(x)."""
+        if steps == 0:
+            return x
+        if not x.is_floating_point():
+            raise TypeError(f"generator output must be floating, got {x.dtype}")
+        ws = self._step_weights(x.dtype)
+        batch = x.shape[0]
+        for m in range(steps):
+            xg = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                d = self.snapshots[m](xg)
+                (grad,) = torch.autograd.grad(d.sum(), xg)
+            s = None
+            if self.scale != "kl":
+                if d.numel() != batch:
+                    raise ValueError(
+                        f"scale={self.scale!r} needs one discriminator output per sample, got "
+                        f"shape {tuple(d.shape)} for {batch} samples"
+                    )
+                logit = d.detach().reshape(batch)
+                s = torch.sigmoid(-logit) if self.scale == "logd" else torch.sigmoid(logit)
+            cfg_step_(x, grad, ws[m], eta=self.eta, scale=s)
+        return x
+
+    def generate(self, n: int, *, batch_size: int | None = None, return_z: bool = False):
+        """``n`` samples ``G(z)`` moved through all ``M`` snapshots, on the training device.
+
+        Under ``torch.no_grad`` except the input-gradient computations. Draws one
+        ``randn((b, *z_dim))`` per batch of ``batch_size`` (default: all ``n`` at once).
+
+        Returns:
+            the ``(n, ...)`` samples (detached), or ``(samples, z)`` with ``return_z=True``.
+        """
+        n = _int("n", n, 1)
+        batch_size = n if batch_size is None else _int("batch_size", batch_size, 1)
+        xs, zs = [], []
+        for start in range(0, n, batch_size):
+            z = self._z(min(batch_size, n - start))
+            xs.append(self._move(self._g_eval(z), self.M))
+            zs.append(z)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        if return_z:
+            return x, (zs[0] if len(zs) == 1 else torch.cat(zs))
+        return x
+
+    # ------------------------------------------------------------------------------ training
+
+    def _next_real(self, needed: int, got: int) -> Tensor:
+        try:
+            batch = next(self._real_iter)
+        except StopIteration:
+            if self._real_iter is self._real_source:  # a one-shot iterator: cannot restart
+                raise RuntimeError(
+                    f"real_batches ran out: a stage takes M * U = {needed} batches, this one "
+                    f"got {got}; pass a re-iterable (list, DataLoader) to have it restarted"
+                ) from None
+            self._real_iter = iter(self._real_source)
+            try:
+                batch = next(self._real_iter)
+            except StopIteration:
+                raise ValueError("real_batches is empty") from None
+        if isinstance(batch, (tuple, list)) and batch:
+            batch = batch[0]  # (images, labels) from a DataLoader
+        if not isinstance(batch, Tensor):
+            raise TypeError(
+                f"real_batches must yield tensors or (tensor, ...) tuples, got "
+                f"{type(batch).__name__}"
+            )
+        return batch.to(self.device, non_blocking=True)
+
+    def _snapshot(self, t: int) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self._snap_states[t], self._d_state)
+        self.snapshots[t].train(self.discriminator.training)
+
+    def train_stage(self, real_batches: Iterable) -> None:
+        """One stage: ``M * U`` discriminator steps with ``M`` snapshots, then the approximator.
+
+        Args:
+            real_batches: where real batches come from; exactly ``M * U`` are consumed per
+                stage. Each item is a tensor ``(B, ...)`` or a tuple/list whose first element is
+                (e.g. ``(images, labels)``); it is moved to the training device (a no-op when it
+                is there already). A re-iterable (list, ``DataLoader``) passed again in the next
+                stage continues where the last stage stopped and is restarted when exhausted
+                (as the official ``get_next``); a one-shot iterator that runs out raises.
+        """
+        if real_batches is not self._real_source:
+            self._real_source = real_batches
+            self._real_iter = iter(real_batches)
+        needed = self.M * self.U
+        D, opt = self.discriminator, self.d_optimizer
+        got = 0
+        for t in range(self.M):
+            for _ in range(self.U):
+                xr = self._next_real(needed, got)
+                got += 1
+                x = self._move(self._g_eval(self._z(xr.shape[0])), t)
+                opt.zero_grad(set_to_none=True)
+                real_logits, fake_logits = D(xr), D(x)
+                loss_real = F.softplus(-real_logits).mean()
+                loss_fake = F.softplus(fake_logits).mean()
+                if self.d_backward is None:
+                    loss = loss_real + loss_fake
+                    loss.backward()
+                else:
+                    loss = self.d_backward(loss_real, loss_fake, real_logits, fake_logits)
+                opt.step()
+                self.last_d_loss = loss.detach()
+            self._snapshot(t)
+        self._approximate()
+        self.stage += 1
+
+    def _approximate(self) -> None:
+        n_total, bs = self.N, self.batch_size
+        targets, zs = self.generate(n_total, batch_size=bs, return_z=True)
+        G = self.generator
+        params = [p for p in G.parameters() if p.requires_grad]
+        opt = self.make_optimizer(params, self.lr)
+        was_training = G.training
+        G.train()
+        reductions, last_mean = 0, math.inf
+        try:
+            for _ in range(self.x_epochs):
+                perm = torch.randperm(n_total, generator=self.rng, device=self.device)
+                total = torch.zeros((), device=self.device, dtype=acc_dtype(targets.dtype))
+                batches = 0
+                for start in range(0, n_total, bs):
+                    idx = perm[start : start + bs]
+                    fake = G(zs[idx])
+                    loss = ((fake - targets[idx]) ** 2).sum() / (2 * idx.shape[0])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.detach()
+                    batches += 1
+                mean = total / batches
+                self.last_approx_loss = mean
+                if self.approx_decay > 0:
+                    value = float(mean)  # the one host read per epoch (see class docstring)
+                    if math.isnan(value):
+                        raise RuntimeError(f"approximator loss is NaN in stage {self.stage}")
+                    limit_ok = self.approx_redmax is None or reductions < self.approx_redmax
+                    if value > last_mean and limit_ok:
+                        for group in opt.param_groups:
+                            group["lr"] = group["lr"] * self.approx_decay
+                        reductions += 1
+                    last_mean = value
+        finally:
+            G.train(was_training)
+
+    # --------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """Generator, discriminator, snapshots, D's optimizer, weights, eta and the stage
+        counter. (G's optimizer is recreated each stage, so there is none to save; the position
+        in ``real_batches`` and the random generator's state are the caller's.)"""
+        return {
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "snapshots": [s.state_dict() for s in self.snapshots],
+            "d_optimizer": self.d_optimizer.state_dict(),
+            "weights": self.weights.clone(),
+            "eta": self.eta,
+            "stage": self.stage,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (into modules of the same architecture)."""
+        missing = {"generator", "discriminator", "snapshots", "d_optimizer", "weights", "eta",
+                   "stage"} - set(state)
+        if missing:
+            raise KeyError(f"state dict lacks {sorted(missing)}")
+        if len(state["snapshots"]) != self.M:
+            raise ValueError(
+                f"state dict holds {len(state['snapshots'])} snapshots, this AnnealedCFG M = "
+                f"{self.M}"
+            )
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        for snap, sd in zip(self.snapshots, state["snapshots"]):
+            snap.load_state_dict(sd)
+        self.d_optimizer.load_state_dict(state["d_optimizer"])
+        self.weights = self._check_weights(state["weights"])
+        self._weights_by_dtype = {}
+        self.eta = _positive("eta", state["eta"])
+        self.stage = _int("stage", state["stage"], 0)
