@@ -1,0 +1,304 @@
+"""Adaptive weighted discriminator loss (aw-loss, SPEC §4) as a drop-in for ``d_loss.backward()``.
+
+Also home of the small gradient-list helpers that :mod:`nats_kernels.schemes.brc` shares: which
+parameters take part, whether two losses share an autograd graph, and when a freshly returned
+gradient may be written in place.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import _validate as v
+from ..ops import aw_combine_, aw_weights, multi_dot
+
+__all__ = ["AWLoss"]
+
+
+# ------------------------------------------------------------------------- shared helpers
+
+
+def _module(name: str, m) -> nn.Module:
+    if not isinstance(m, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
+    return m
+
+
+def _trainable(name: str, module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module`` that require grad (tied parameters once), on one device."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"{name} has no parameter with requires_grad=True (is it frozen with "
+            f"requires_grad_(False)?)"
+        )
+    device = params[0].device
+    for p in params:
+        if p.device != device:
+            raise ValueError(
+                f"{name} has parameters on {device} and on {p.device}; all trainable parameters "
+                f"must be on one device"
+            )
+        if p.dtype not in v.FLOATING:
+            raise TypeError(f"{name} has a trainable parameter of dtype {p.dtype}")
+    return params
+
+
+def _loss(name: str, t, device: torch.device) -> Tensor:
+    """A loss that ``backward()`` would accept: one element, floating, part of a graph."""
+    v.tensor(name, t)
+    if t.numel() != 1:
+        raise ValueError(f"{name} must be a scalar loss (one element), got shape {tuple(t.shape)}")
+    if not t.requires_grad:
+        raise ValueError(
+            f"{name} does not require grad: it was computed under torch.no_grad() or from "
+            f"detached tensors, so it has no gradient to take"
+        )
+    v.same_device(device, **{name: t})
+    return t
+
+
+def _shares_graph(a: Tensor, b: Tensor) -> bool:
+    """Whether the autograd graphs behind ``a`` and ``b`` have a node in common other than the
+    parameter leaves. Only then must a first backward pass from one keep its graph for a second
+    pass from the other (e.g. one discriminator forward on ``cat(real, fake)``, or both losses
+    computed from the same fake logits). The two graphs are walked breadth first, in turns, so a
+    shared node near the roots is found early; disjoint graphs are walked whole. Metadata only:
+    it follows ``grad_fn``, it reads no tensor value."""
+    walks = ((deque([a.grad_fn]), set()), (deque([b.grad_fn]), set()))
+    while walks[0][0] or walks[1][0]:
+        for (queue, seen), (_, other) in (walks, walks[::-1]):
+            while queue:
+                fn = queue.popleft()
+                if fn is None or fn in seen:
+                    continue
+                if fn in other and type(fn).__name__ != "AccumulateGrad":
+                    return True
+                seen.add(fn)
+                queue.extend(nxt for nxt, _ in fn.next_functions)
+                break
+    return False
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: every element has its own memory and there is no gap (any
+    permutation of dimensions, e.g. channels_last)."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _storage_key(t: Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def _storage_counts(*lists: Sequence[Tensor | None]) -> Counter:
+    return Counter(_storage_key(t) for ts in lists for t in ts if t is not None)
+
+
+def _writable_as_grad(t: Tensor | None, p: Tensor, counts: Counter) -> bool:
+    """Whether ``t``, a gradient autograd just returned for ``p``, may be written in place and
+    kept as ``p.grad`` (what AccumulateGrad does with a gradient nobody else holds): ``p``'s
+    strides (so not expanded, not transposed), no other gradient of this call in the same storage
+    (autograd may hand one tensor to several inputs, e.g. both operands of an add), and no tensor
+    hook on ``p`` (a hook may have kept the very tensor)."""
+    return (
+        t is not None
+        and not p._backward_hooks
+        and t.stride() == p.stride()
+        and counts[_storage_key(t)] == 1
+    )
+
+
+def _zeros(p: Tensor, cache: dict) -> Tensor:
+    """A read-only zero gradient shaped like ``p`` (an expanded 0-d tensor: no allocation)."""
+    key = (p.device, p.dtype)
+    if key not in cache:
+        cache[key] = torch.zeros((), device=p.device, dtype=p.dtype)
+    return cache[key].expand(p.shape)
+
+
+def _acc(dtypes) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+# ------------------------------------------------------------------------------- AWLoss
+
+
+class AWLoss:
+    """Adaptive weighted discriminator loss (Zadorozhnyy et al., CVPR 2021), SPEC §4/§7.
+
+    Replaces ``d_loss.backward()`` in a discriminator step that computes a real-only term ``L_r``
+    and a fake-only term ``L_f`` (hinge, BCE, LSGAN, ...)::
+
+        aw = AWLoss(D)                                   # once
+        real_logits, fake_logits = D(real), D(fake.detach())
+        loss_real = relu(1 - real_logits).mean()
+        loss_fake = relu(1 + fake_logits).mean()
+        opt_d.zero_grad()                                # optional: .grad is overwritten
+        d_loss = aw.backward(loss_real, loss_fake, real_logits, fake_logits)
+        opt_d.step()
+
+    ``backward`` takes ``g_r = dL_r/dtheta`` and ``g_f = dL_f/dtheta`` with
+    :func:`torch.autograd.grad` over the discriminator's parameters that require grad (two
+    backward passes; the first keeps the graph only when the two losses share autograd nodes,
+    the second frees it, as ``d_loss.backward()`` would), decides ``(w_r, w_f)`` on device with
+    :func:`nats_kernels.multi_dot` and :func:`nats_kernels.aw_weights` and writes
+    ``w_r * g_r + w_f * g_f`` into each parameter's ``.grad`` with
+    :func:`nats_kernels.aw_combine_`. No gradient is copied or concatenated and no value is read
+    on the host: the call is asynchronous on CUDA like ``backward()``. Memory: the two gradient
+    sets; where ``.grad`` is None the freshly returned ``g_r`` becomes the output buffer and the
+    ``.grad`` (when autograd handed it out for this parameter alone, with the parameter's strides
+    and no tensor hook on the parameter; as with ``backward()``, a custom autograd Function that
+    returns, as a gradient, a tensor it keeps elsewhere would see that tensor overwritten).
+
+    ``.grad`` after the call, per discriminator parameter:
+
+    - requires grad, used by either loss: ``w_r * g_r + w_f * g_f`` (a gradient missing from one
+      pass counts as zero). Any previous ``.grad`` is overwritten: in place when it is a dense
+      tensor outside any autograd graph and not one of the gradients being combined (so gradient
+      buckets such as DDP's stay valid), else replaced by a new tensor;
+    - requires grad, used by neither loss: ``None``, as after ``zero_grad()`` and ``backward()``;
+    - ``requires_grad=False`` (frozen): not touched.
+
+    Args:
+        discriminator: the ``nn.Module`` whose trainable parameters take the gradient. Parameters
+            are looked up at each call, so freezing / unfreezing between calls is honoured.
+            All trainable parameters on one device; several floating dtypes are fine.
+        normalized: ``True`` for Algorithm 1 (the paper's default, weights scaled by the inverse
+            gradient norms), ``False`` for Algorithm 2.
+        alpha1, alpha2, delta, eps: the rule's constants (SPEC §4), Python numbers.
+
+    Attributes:
+        last_weights: ``(w_r, w_f)`` of the last call, 0-d device tensors (float32, float64 when a
+            parameter is float64), or ``None`` before the first call.
+        last_case: the rule's case (1..5) of the last call, a 0-d int64 device tensor, for logging.
+    """
+
+    def __init__(
+        self,
+        discriminator: nn.Module,
+        *,
+        normalized: bool = True,
+        alpha1: float = 0.5,
+        alpha2: float = 0.75,
+        delta: float = 0.05,
+        eps: float = 0.05,
+    ) -> None:
+        self.discriminator = _module("discriminator", discriminator)
+        _trainable("discriminator", discriminator)
+        if not isinstance(normalized, bool):
+            raise TypeError(f"normalized must be a bool, got {type(normalized).__name__}")
+        self.normalized = normalized
+        self.alpha1 = v.number("alpha1", alpha1)
+        self.alpha2 = v.number("alpha2", alpha2)
+        self.delta = v.number("delta", delta)
+        self.eps = v.number("eps", eps)
+        self.last_weights: tuple[Tensor, Tensor] | None = None
+        self.last_case: Tensor | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(normalized={self.normalized}, alpha1={self.alpha1}, "
+            f"alpha2={self.alpha2}, delta={self.delta}, eps={self.eps})"
+        )
+
+    def backward(
+        self, loss_real: Tensor, loss_fake: Tensor, real_logits: Tensor, fake_logits: Tensor
+    ) -> Tensor:
+        """Write the aw-loss gradient into the discriminator's ``.grad``; return the loss.
+
+        Args:
+            loss_real: L_r, a one-element loss on real data only, not yet backpropagated.
+            loss_fake: L_f, a one-element loss on fake data only.
+            real_logits, fake_logits: the raw discriminator outputs the losses were computed from
+                (any non-empty shape; only ``mean(sigmoid(.))`` of their values is used).
+                All four on the discriminator's device.
+
+        Returns:
+            The detached aw loss ``w_r * L_r + w_f * L_f``, 0-d, in the losses' (promoted) dtype.
+
+        Raises:
+            TypeError: a non-tensor or non-floating argument.
+            ValueError: a loss with more than one element, a loss that does not require grad or
+                does not depend on any trainable discriminator parameter, empty logits, arguments
+                on another device, a discriminator without trainable parameters.
+        """
+        params = _trainable("discriminator", self.discriminator)
+        device = params[0].device
+        _loss("loss_real", loss_real, device)
+        _loss("loss_fake", loss_fake, device)
+        for name, t in (("real_logits", real_logits), ("fake_logits", fake_logits)):
+            v.tensor(name, t)
+            v.same_device(device, **{name: t})
+            if t.numel() == 0:
+                raise ValueError(f"{name} must not be empty (its sigmoid mean decides the case)")
+
+        retain = _shares_graph(loss_real, loss_fake)
+        g_r = torch.autograd.grad(loss_real, params, retain_graph=retain, allow_unused=True)
+        if all(g is None for g in g_r):
+            raise ValueError(
+                "loss_real does not depend on any trainable parameter of the discriminator"
+            )
+        g_f = torch.autograd.grad(loss_fake, params, allow_unused=True)
+        if all(g is None for g in g_f):
+            raise ValueError(
+                "loss_fake does not depend on any trainable parameter of the discriminator"
+            )
+
+        counts = _storage_counts(g_r, g_f)
+        zeros: dict = {}
+        groups: dict[torch.dtype, tuple[list, list, list]] = {}
+        for p, gr, gf in zip(params, g_r, g_f):
+            if gr is None and gf is None:
+                p.grad = None
+                continue
+            old = p.grad
+            if (old is not None and not old.requires_grad and _dense(old)
+                    and _storage_key(old) not in counts):
+                out = old
+            elif _writable_as_grad(gr, p, counts):
+                out = gr
+            else:
+                out = torch.empty_like(p, memory_format=torch.preserve_format)
+            outs, rs, fs = groups.setdefault(p.dtype, ([], [], []))
+            outs.append(out)
+            rs.append(_zeros(p, zeros) if gr is None else gr)
+            fs.append(_zeros(p, zeros) if gf is None else gf)
+            if p.grad is not out:
+                p.grad = out
+
+        acc = _acc(groups)
+        if len(groups) == 1:
+            ((_, rs, fs),) = groups.values()
+            dots = multi_dot(rs, fs)
+        else:
+            dots = sum(multi_dot(rs, fs).to(acc) for _, rs, fs in groups.values())
+        w_r, w_f, case = aw_weights(
+            dots,
+            real_logits.detach(),
+            fake_logits.detach(),
+            normalized=self.normalized,
+            alpha1=self.alpha1,
+            alpha2=self.alpha2,
+            delta=self.delta,
+            eps=self.eps,
+        )
+        for dtype, (outs, rs, fs) in groups.items():
+            a = v.acc_dtype(dtype)
+            aw_combine_(outs, rs, fs, w_r.to(a), w_f.to(a))
+
+        self.last_weights = (w_r, w_f)
+        self.last_case = case
+        out_dtype = torch.promote_types(loss_real.dtype, loss_fake.dtype)
+        loss = w_r * loss_real.detach().reshape(()) + w_f * loss_fake.detach().reshape(())
+        return loss.to(out_dtype)
