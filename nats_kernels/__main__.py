@@ -1,4 +1,4 @@
-"""``nats-kernels`` / ``python -m nats_kernels``: a tour of the ops on generated data.
+"""``nats-kernels`` / ``python -m nats_kernels``: a tour of the ops, and the ``train`` job.
 
 Prints which backends are available here, then runs every op on generated inputs (no download)
 beside the plain PyTorch code a user would otherwise write, and shows that they agree, which
@@ -159,7 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     for p in (parser, p_tour):
         p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
         p.add_argument("--seed", type=int, default=0)
+    p_train = sub.add_parser(
+        "train", help="train GANs on embedded synthetic benchmarks and compare schemes",
+        description="Train GANs on embedded mixtures of Gaussians (no download); write "
+                    "results.json and samples.png into --out. No arguments: cts, nats, cts+aw "
+                    "and cts+brc on ring8, one seed.")
+    from .train.cli import add_arguments
+    from .train.cli import main as train_main
+
+    add_arguments(p_train)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return train_main(args)
     rows = tour(args.device, args.seed)
     _print_tour(rows, args.device)
     worst = max(r["diff"] for r in rows)

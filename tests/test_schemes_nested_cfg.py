@@ -9,11 +9,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import nats_kernels as nk
 from nats_kernels.schemes import (
     AnnealedCFG,
+    AWLoss,
     NestedTrainer,
     initial_weight_distances,
     nested_schedule,
@@ -521,6 +523,38 @@ def test_annealed_cfg_plain_weights_none_equals_ones_and_lr_rule_off():
     _close_modules(cfg_none.generator, naive.G, "G")
     _close_modules(cfg_ones.generator, naive.G, "G")
     assert cfg_none.last_approx_loss.dim() == 0 and cfg_none.last_d_loss.dim() == 0
+
+
+def test_annealed_cfg_d_backward_hook():
+    """d_backward gets D's two logistic terms and the logits of each step; one that reproduces
+    the default backward reproduces the default stage, and AWLoss.backward plugs in."""
+    cfg, naive = _pair()
+    seen = []
+
+    def plain(loss_real, loss_fake, real_logits, fake_logits):
+        torch.testing.assert_close(loss_real, F.softplus(-real_logits).mean())
+        torch.testing.assert_close(loss_fake, F.softplus(fake_logits).mean())
+        seen.append(real_logits.shape[0])
+        loss = loss_real + loss_fake
+        loss.backward()
+        return loss.detach()
+
+    cfg.d_backward = plain
+    data = _real_batches(CFG_ARGS["M"] * CFG_ARGS["U"])
+    cfg.train_stage(data)
+    naive.stage(data)
+    assert seen == [12] * (CFG_ARGS["M"] * CFG_ARGS["U"])
+    _close_modules(cfg.generator, naive.G, "G")
+    _close_modules(cfg.discriminator, naive.D, "D")
+
+    aw_cfg, _ = _pair()
+    aw = AWLoss(aw_cfg.discriminator)
+    aw_cfg.d_backward = aw.backward
+    aw_cfg.train_stage(data)
+    assert aw.last_case is not None and 1 <= int(aw.last_case) <= 5
+    assert not torch.equal(aw_cfg.discriminator[0].weight, cfg.discriminator[0].weight)
+    with pytest.raises(TypeError, match="d_backward must be callable"):
+        AnnealedCFG(_mlp_g(), _mlp_d(), M=2, eta=1.0, weights=None, z_dim=Z, d_backward=3)
 
 
 def test_annealed_cfg_generate_batches_and_state_dict_round_trip():

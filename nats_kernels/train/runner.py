@@ -1,0 +1,241 @@
+"""One training run on a synthetic benchmark: a scheme (CTS / NTS / NATS / annealed CFG, each
+optionally with aw-loss and/or BRC) on a loss, a dataset and a seed, then the SPEC §6 metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .. import schemes
+from ..ops import annealed_weights
+from .data import get_dataset
+from .losses import get_loss
+from .metrics import evaluate
+
+BASE_SCHEMES = ("cts", "nts", "nats", "annealed-cfg")
+MODIFIERS = ("aw", "brc")
+
+
+@dataclass
+class RunConfig:
+    """One run's settings. Defaults: the BRC paper's synthetic setting (SPEC §6) -- 3 linear
+    layers of width 256 with LeakyReLU(0.2), batch 512, Adam (torch's default betas), lr_G 1e-3
+    -- except lr_D: 1e-3 instead of the paper's 1e-4. With 1e-4 every scheme collapsed to 0-1 of
+    ring8's 8 modes within the main job's budget of 2000 D steps on a 2-core CPU (README); pass
+    ``lr_d=1e-4`` (``--lr-d 1e-4``) for the paper's value. Nesting: the NATS paper's N_d = 5
+    and w = 1 -> 0.01 (the low-resolution preset).
+
+    ``steps`` counts discriminator steps, the unit every scheme is budgeted in: cts makes one
+    generator step per D step, nts/nats n_d(n_d+1)/2 per n_d D steps, annealed-cfg trains whole
+    stages of ``cfg_M`` D steps (the budget rounds up) with x_epochs * ceil(N / batch) generator
+    regression steps each. ``seconds_per_step`` in the record is wall time per D step, including
+    the generator work that comes with it.
+    """
+
+    dataset: str = "ring8"
+    loss: str = "vanilla"
+    scheme: str = "cts"
+    seed: int = 0
+    steps: int = 2000
+    device: str = "cpu"
+    batch: int = 512
+    z_dim: int = 2
+    width: int = 256
+    lr_d: float = 1e-3  # the BRC paper: 1e-4 (see the docstring)
+    lr_g: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    n_d: int = 5
+    w_first: float = 1.0
+    w_last: float = 0.01
+    # annealed-cfg: the official algorithm (RMSprop, N = 640, 10 epochs, approximator batch 64)
+    # with a toy-sized step and learning rate; its discriminator loss is CFG's logistic one
+    cfg_M: int = 15
+    cfg_eta: float = 0.1
+    cfg_lr: float = 1e-3
+    cfg_N: int = 640
+    cfg_batch: int = 64
+    cfg_x_epochs: int = 10
+    eval_samples: int = 512
+
+
+def parse_scheme(scheme: str) -> tuple[str, bool, bool]:
+    """'nats+aw+brc' -> ('nats', True, True), with a clear error for anything else."""
+    base, *mods = scheme.split("+")
+    if base not in BASE_SCHEMES:
+        raise ValueError(f"scheme: unknown base {base!r} in {scheme!r}; expected one of "
+                         f"{list(BASE_SCHEMES)}, optionally followed by +aw and/or +brc")
+    for m in mods:
+        if m not in MODIFIERS:
+            raise ValueError(f"scheme: unknown modifier {m!r} in {scheme!r}; expected +aw or +brc")
+    if len(set(mods)) != len(mods):
+        raise ValueError(f"scheme: repeated modifier in {scheme!r}")
+    if base == "annealed-cfg" and "brc" in mods:
+        raise ValueError("scheme: annealed-cfg fits its generator by regression onto moved "
+                         "samples, so there is no generator loss for +brc to correct")
+    return base, "aw" in mods, "brc" in mods
+
+
+def mlp(d_in: int, d_out: int, width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, width), nn.LeakyReLU(0.2), nn.Linear(width, width),
+                         nn.LeakyReLU(0.2), nn.Linear(width, d_out))
+
+
+def run(cfg: RunConfig, progress=None) -> dict:
+    """Train one GAN and evaluate it. ``progress`` is an optional callable(n) told of every
+    finished discriminator step (the CLI's progress bar). Returns the results.json record, with
+    the evaluation samples under the key ``samples`` (a CPU tensor, for the figure)."""
+    base, use_aw, use_brc = parse_scheme(cfg.scheme)
+    if base == "annealed-cfg" and cfg.loss != "vanilla":
+        raise ValueError(f"loss: annealed-cfg trains D on CFG's logistic loss (vanilla); "
+                         f"{cfg.loss!r} does not apply to it")
+    mixture = get_dataset(cfg.dataset)
+    loss = get_loss(cfg.loss)
+    if cfg.steps < 1:
+        raise ValueError(f"steps: expected >= 1, got {cfg.steps}")
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    G = mlp(cfg.z_dim, mixture.dim, cfg.width).to(device)
+    D = mlp(mixture.dim, 1, cfg.width).to(device)
+
+    def z(n):
+        return torch.randn(n, cfg.z_dim, generator=gen, device=device)
+
+    def real(n):
+        return mixture.sample(n, gen, device)
+
+    start = time.perf_counter()
+    if base == "annealed-cfg":
+        counts, sampler, extra = _run_cfg(cfg, G, D, mixture, loss, use_aw, z, real, progress)
+    else:
+        counts, sampler, extra = _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real,
+                                             progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - start
+
+    samples = sampler(cfg.eval_samples).detach()
+    metrics = evaluate(samples, mixture, real(cfg.eval_samples))
+    record = asdict(cfg)
+    record["betas"] = list(cfg.betas)
+    record.update(metrics)
+    record.update(
+        n_modes=mixture.n_modes,
+        d_steps=counts[0],
+        g_steps=counts[1],
+        wall_seconds=wall,
+        seconds_per_step=wall / counts[0],
+        **extra,
+        samples=samples.float().cpu(),
+    )
+    return record
+
+
+def _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real, progress):
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas)
+    aw = schemes.AWLoss(D) if use_aw else None
+    brc = schemes.BRC(G, D) if use_brc else None
+    if base == "cts":
+        n_d, weights = 1, None
+    elif base == "nts":
+        n_d, weights = cfg.n_d, None
+    else:  # nats: the decreasing geometric weights, as Python numbers
+        n_d = cfg.n_d
+        weights = annealed_weights(cfg.w_first, cfg.w_last, n_d, dtype=torch.float64).tolist()
+    device = next(G.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    # logged on device, read once at the end: aw's case counts (1..5) and BRC's sum of r
+    aw_cases = torch.zeros(6, dtype=torch.long, device=device)
+    r_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+    def d_step():
+        xr = real(cfg.batch)
+        with torch.no_grad():
+            xf = G(z(cfg.batch))
+        real_logits, fake_logits = D(xr), D(xf)
+        loss_real, loss_fake = loss.real(real_logits), loss.fake(fake_logits)
+        if loss.gp_weight:
+            loss_fake = loss_fake + loss.penalty(D, xr, xf, gen)
+        opt_d.zero_grad(set_to_none=True)
+        if aw is not None:
+            aw.backward(loss_real, loss_fake, real_logits, fake_logits)
+            aw_cases.index_add_(0, aw.last_case.reshape(1).long(), torch.ones_like(aw_cases[:1]))
+        else:
+            (loss_real + loss_fake).backward()
+        opt_d.step()
+
+    def g_step(w):
+        fake = G(z(cfg.batch))
+        fake_logits = D(fake)
+        F_loss = w * loss.gen(fake_logits) if w != 1 else loss.gen(fake_logits)
+        opt_g.zero_grad(set_to_none=True)
+        if brc is not None:
+            # f: the discriminator's loss on the same, non-detached fake batch (SPEC §5)
+            f = loss.real(D(real(cfg.batch))) + loss.fake(fake_logits)
+            r_sum.add_(brc.backward(F_loss, f))
+        else:
+            F_loss.backward()
+        opt_g.step()
+
+    d_steps = g_steps = 0
+    while d_steps < cfg.steps:
+        for kind, w in schemes.nested_schedule(n_d, weights):
+            if kind == "D":
+                if d_steps == cfg.steps:
+                    break
+                d_step()
+                d_steps += 1
+                if progress is not None:
+                    progress(1)
+            else:
+                g_step(w)
+                g_steps += 1
+
+    def sampler(n):
+        with torch.no_grad():
+            return G(z(n))
+
+    extra = {}
+    if aw is not None:
+        extra["aw_case_counts"] = aw_cases[1:].tolist()
+    if brc is not None:
+        extra["brc_mean_r"] = float(r_sum) / g_steps
+    return (d_steps, g_steps), sampler, extra
+
+
+def _run_cfg(cfg, G, D, mixture, loss, use_aw, z, real, progress):
+    device = next(G.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    aw = schemes.AWLoss(D) if use_aw else None
+    aw_cases = torch.zeros(6, dtype=torch.long, device=device)
+
+    def aw_backward(loss_real, loss_fake, real_logits, fake_logits):
+        out = aw.backward(loss_real, loss_fake, real_logits, fake_logits)
+        aw_cases.index_add_(0, aw.last_case.reshape(1).long(), torch.ones_like(aw_cases[:1]))
+        return out
+
+    model = schemes.AnnealedCFG(
+        G, D, M=cfg.cfg_M, eta=cfg.cfg_eta, z_dim=cfg.z_dim, lr=cfg.cfg_lr,
+        weights=annealed_weights(cfg.w_first, cfg.w_last, cfg.cfg_M),
+        batch_size=cfg.cfg_batch, N=cfg.cfg_N, x_epochs=cfg.cfg_x_epochs, rng=gen,
+        d_backward=aw_backward if use_aw else None,
+    )
+
+    def real_batches():
+        while True:
+            yield real(cfg.batch)
+
+    source = real_batches()
+    d_steps = g_steps = 0
+    while d_steps < cfg.steps:  # whole stages: the budget rounds up to a multiple of M
+        model.train_stage(source)
+        d_steps += cfg.cfg_M
+        g_steps += cfg.cfg_x_epochs * -(-cfg.cfg_N // cfg.cfg_batch)
+        if progress is not None:
+            progress(cfg.cfg_M)
+    extra = {"aw_case_counts": aw_cases[1:].tolist()} if use_aw else {}
+    return (d_steps, g_steps), model.generate, extra

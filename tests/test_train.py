@@ -1,0 +1,195 @@
+"""The main job's pieces: embedded datasets, SPEC §6 metrics against closed forms, scheme
+parsing, one tiny run of every scheme, and the ``train`` command's files."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nats_kernels.train import (
+    DATASETS,
+    RunConfig,
+    evaluate,
+    frechet_distance,
+    get_dataset,
+    get_loss,
+    js_to_uniform,
+    mode_counts,
+    parse_scheme,
+    run,
+)
+
+
+def test_datasets_match_spec():
+    ring = get_dataset("ring8").centres.double()
+    assert ring.shape == (8, 2)
+    torch.testing.assert_close(ring.norm(dim=1), torch.ones(8, dtype=torch.float64))
+    assert torch.pdist(ring).min() > 0.7  # 8 distinct points: no duplicated endpoint
+    torch.testing.assert_close(ring[2], torch.tensor([0.0, 1.0], dtype=torch.float64),
+                               atol=1e-7, rtol=0)
+    assert get_dataset("ring5").n_modes == 5
+    grid = get_dataset("grid25")
+    assert grid.n_modes == 25 and grid.std == 0.05
+    assert set(grid.centres.flatten().tolist()) == {-4.0, -2.0, 0.0, 2.0, 4.0}
+    cube = get_dataset("cube27")
+    assert cube.centres.shape == (27, 3) and set(cube.centres.flatten().tolist()) == {-1, 0, 1}
+    with pytest.raises(ValueError, match="dataset: unknown 'ring9'"):
+        get_dataset("ring9")
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_samples_are_seeded_and_around_the_modes(name):
+    mix = DATASETS[name]
+    a = mix.sample(4000, torch.Generator().manual_seed(3))
+    b = mix.sample(4000, torch.Generator().manual_seed(3))
+    assert a.shape == (4000, mix.dim) and torch.equal(a, b)
+    counts, assigned = mode_counts(a, mix)
+    assert counts.sum() == assigned.sum()
+    # a Gaussian point lies within 3 std of its centre with P(chi_dim < 3): 0.9889 in 2-D,
+    # 0.9707 in 3-D
+    expected = {2: 1 - math.exp(-4.5), 3: 0.97070911}[mix.dim]
+    assert abs(float(assigned.double().mean()) - expected) < 0.012
+    assert (counts > 0).all()
+    # the spread around the nearest centre is the mixture's std
+    nearest = mix.centres[torch.cdist(a, mix.centres).argmin(1)]
+    assert abs(float((a - nearest).std()) - mix.std) < 0.1 * mix.std
+
+
+def test_mode_counts_threshold_is_three_std():
+    mix = get_dataset("ring8")
+    c = mix.centres
+    pts = torch.cat([c[:3], c[3:4] + torch.tensor([2.9 * mix.std, 0.0]),
+                     c[4:5] + torch.tensor([0.0, 3.1 * mix.std])])
+    counts, assigned = mode_counts(pts, mix)
+    assert assigned.tolist() == [True, True, True, True, False]
+    assert counts.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+
+
+def test_js_closed_forms():
+    assert js_to_uniform(torch.tensor([5, 5, 5, 5])) == pytest.approx(0.0, abs=1e-12)
+    K = 8
+    # all mass in one mode: 0.5 log(2K/(K+1)) + 0.5 [(1/K) log(2/(K+1)) + (K-1)/K log 2]
+    expected = 0.5 * math.log(2 * K / (K + 1)) + 0.5 * (
+        math.log(2 / (K + 1)) / K + (K - 1) / K * math.log(2))
+    assert js_to_uniform(torch.tensor([0, 0, 7, 0, 0, 0, 0, 0])) == pytest.approx(expected)
+    assert js_to_uniform(torch.zeros(8, dtype=torch.long)) == pytest.approx(math.log(2))
+
+
+def test_frechet_distance_closed_forms():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5000, 2, generator=gen, dtype=torch.float64)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+    shift = torch.tensor([0.3, -0.4], dtype=torch.float64)
+    assert frechet_distance(x, x + shift) == pytest.approx(0.25, rel=1e-9)
+    # scaled copies: covariances S and a^2 S commute, Tr(S + a^2 S - 2 a S) = (1 - a)^2 Tr(S)
+    s = torch.cov(x.T).trace().item()
+    m2 = float(x.mean(0).square().sum())
+    assert frechet_distance(x, 3 * x) == pytest.approx(4 * s + 4 * m2, rel=1e-9)
+
+
+def test_evaluate_perfect_and_collapsed():
+    mix = get_dataset("ring8")
+    gen = torch.Generator().manual_seed(1)
+    real = mix.sample(2048, gen)
+    good = evaluate(mix.sample(2048, gen), mix, real)
+    assert good["modes"] == 8 and good["hq"] > 98 and good["js"] < 0.01 and good["fid"] < 0.01
+    collapsed = mix.centres[0].expand(2048, 2).clone()
+    bad = evaluate(collapsed, mix, real)
+    assert bad["modes"] == 1 and bad["hq"] == 100.0 and bad["js"] > 0.4 and bad["fid"] > 1.0
+    with pytest.raises(ValueError, match="equal counts"):
+        evaluate(collapsed[:10], mix, real)
+
+
+def test_parse_scheme():
+    assert parse_scheme("cts") == ("cts", False, False)
+    assert parse_scheme("nats+brc+aw") == ("nats", True, True)
+    assert parse_scheme("annealed-cfg+aw") == ("annealed-cfg", True, False)
+    for bad, msg in [("ctss", "unknown base"), ("cts+ew", "unknown modifier"),
+                     ("nts+aw+aw", "repeated"), ("annealed-cfg+brc", "no generator loss")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_scheme(bad)
+
+
+def test_losses_real_fake_signs():
+    hi, lo = torch.full((4, 1), 5.0), torch.full((4, 1), -5.0)
+    for name in ("vanilla", "lsgan", "hinge", "wgan-gp"):
+        loss = get_loss(name)
+        # a discriminator that scores real high and fake low has the smaller loss
+        assert loss.real(hi) + loss.fake(lo) < loss.real(lo) + loss.fake(hi), name
+        # and the generator wants its fakes scored high
+        assert loss.gen(hi) < loss.gen(lo), name
+    with pytest.raises(ValueError, match="loss: unknown"):
+        get_loss("bce")
+    with pytest.raises(ValueError, match="logistic loss"):
+        run(RunConfig(scheme="annealed-cfg", loss="hinge", steps=1))
+
+
+TINY = dict(steps=5, batch=32, width=16, eval_samples=64, n_d=3, cfg_M=3, cfg_N=64, cfg_batch=32,
+            cfg_x_epochs=2)
+
+
+@pytest.mark.parametrize("scheme,loss", [
+    ("cts", "vanilla"), ("nts", "hinge"), ("nats", "lsgan"), ("cts+aw", "vanilla"),
+    ("nats+aw+brc", "wgan-gp"), ("cts+brc", "hinge"), ("annealed-cfg", "vanilla"),
+    ("annealed-cfg+aw", "vanilla"),
+])
+def test_every_scheme_runs(scheme, loss):
+    r = run(RunConfig(scheme=scheme, loss=loss, **TINY))
+    for key in ("dataset", "loss", "scheme", "seed", "modes", "hq", "js", "fid",
+                "seconds_per_step"):
+        assert key in r
+    assert r["samples"].shape == (64, 2) and torch.isfinite(r["samples"]).all()
+    base = scheme.split("+")[0]
+    # annealed-cfg trains whole stages of M = 3 D steps: 2 stages, each 2 epochs of 2 G batches
+    assert r["d_steps"] == (6 if base == "annealed-cfg" else 5)
+    if base == "annealed-cfg":
+        assert r["g_steps"] == 2 * 2 * 2
+    elif base == "cts":
+        assert r["g_steps"] == 5
+    elif base in ("nts", "nats"):  # outer iteration of n_d=3: D G D G G D G G G, cut at 5 D
+        assert r["g_steps"] == 6 + 1 + 2
+    # what the schemes logged on device: aw's case per D step, BRC's mean r
+    assert ("aw_case_counts" in r) == ("+aw" in scheme)
+    if "+aw" in scheme:
+        assert len(r["aw_case_counts"]) == 5 and sum(r["aw_case_counts"]) == r["d_steps"]
+    assert ("brc_mean_r" in r) == ("+brc" in scheme)
+    if "+brc" in scheme:
+        assert math.isfinite(r["brc_mean_r"])
+
+
+def test_run_is_seeded():
+    a = run(RunConfig(scheme="nats+aw", seed=7, **TINY))
+    b = run(RunConfig(scheme="nats+aw", seed=7, **TINY))
+    c = run(RunConfig(scheme="nats+aw", seed=8, **TINY))
+    assert torch.equal(a["samples"], b["samples"])
+    assert not torch.equal(a["samples"], c["samples"])
+
+
+def test_train_command_writes_results_and_figure(tmp_path):
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "-m", "nats_kernels", "train", "--steps", "3", "--batch", "32",
+         "--eval-samples", "64", "--scheme", "cts", "nats+aw", "--dataset", "ring8", "cube27",
+         "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    runs = json.loads((out / "results.json").read_text())
+    assert [(r["dataset"], r["scheme"]) for r in runs] == [
+        ("ring8", "cts"), ("ring8", "nats+aw"), ("cube27", "cts"), ("cube27", "nats+aw")]
+    for r in runs:
+        assert {"dataset", "loss", "scheme", "seed", "modes", "hq", "js", "fid",
+                "seconds_per_step"} <= set(r)
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "modes" in res.stdout and "nats+aw" in res.stdout
+
+
+def test_train_command_rejects_a_bad_scheme_before_training(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "nats_kernels", "train", "--scheme", "cts+xyz",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "unknown modifier 'xyz'" in res.stderr
+    assert not (tmp_path / "results.json").exists()
