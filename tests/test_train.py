@@ -188,8 +188,14 @@ def test_train_command_writes_results_and_figure(tmp_path):
     assert "modes" in res.stdout and "nats+aw" in res.stdout
 
 
-def test_train_command_rejects_a_bad_scheme_before_training(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "nats_kernels", "train", "--scheme", "cts+xyz",
+@pytest.mark.parametrize("argv,message", [
+    (["--scheme", "cts+xyz"], "unknown modifier 'xyz'"),
+    (["--scheme", "cts", "annealed-cfg", "--loss", "hinge"], "annealed-cfg trains D on CFG"),
+    (["--steps", "0"], "steps: expected >= 1"),
+])
+def test_train_command_rejects_bad_settings_before_training(tmp_path, argv, message):
+    res = subprocess.run([sys.executable, "-m", "nats_kernels", "train", *argv,
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "unknown modifier 'xyz'" in res.stderr
+    assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+    assert "[1/" not in res.stdout + res.stderr  # no run started
     assert not (tmp_path / "results.json").exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .data import DATASETS
 from .losses import LOSSES
-from .runner import RunConfig, parse_scheme, run
+from .runner import RunConfig, check_config, run
 
 DEFAULT_SCHEMES = ("cts", "nats", "cts+aw", "cts+brc")
 
@@ -56,18 +56,16 @@ def _table(runs: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        for s in args.scheme:
-            parse_scheme(s)  # fail on a typo before any training
-        if args.steps < 1 or args.batch < 1 or args.eval_samples < 2 or args.n_d < 1:
-            raise ValueError("--steps, --batch and --n-d must be >= 1, --eval-samples >= 2")
-    except ValueError as e:
-        print(f"nats-kernels train: error: {e}", file=sys.stderr)
-        return 2
     base = RunConfig(steps=args.steps, device=args.device, n_d=args.n_d, batch=args.batch,
                      eval_samples=args.eval_samples, lr_d=args.lr_d, lr_g=args.lr_g)
     configs = [replace(base, dataset=ds, loss=lo, scheme=sc, seed=se)
                for ds in args.dataset for lo in args.loss for sc in args.scheme for se in args.seed]
+    try:
+        for cfg in configs:
+            check_config(cfg)  # a typo or a bad combination fails before any training
+    except ValueError as e:
+        print(f"nats-kernels train: error: {e}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
     for i, cfg in enumerate(configs, 1):

@@ -83,18 +83,31 @@ def mlp(d_in: int, d_out: int, width: int) -> nn.Sequential:
                          nn.LeakyReLU(0.2), nn.Linear(width, d_out))
 
 
+def check_config(cfg: RunConfig) -> tuple[str, bool, bool]:
+    """Every error a run could raise on its settings, before any training: returns
+    ``parse_scheme(cfg.scheme)``."""
+    base, use_aw, use_brc = parse_scheme(cfg.scheme)
+    get_dataset(cfg.dataset)
+    get_loss(cfg.loss)
+    if base == "annealed-cfg" and cfg.loss != "vanilla":
+        raise ValueError(f"loss: annealed-cfg trains D on CFG's logistic loss (vanilla); "
+                         f"{cfg.loss!r} does not apply to it")
+    for name in ("steps", "batch", "n_d", "z_dim", "width", "cfg_M", "cfg_N", "cfg_batch",
+                 "cfg_x_epochs"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name}: expected >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_samples < 2:
+        raise ValueError(f"eval_samples: expected >= 2, got {cfg.eval_samples}")
+    return base, use_aw, use_brc
+
+
 def run(cfg: RunConfig, progress=None) -> dict:
     """Train one GAN and evaluate it. ``progress`` is an optional callable(n) told of every
     finished discriminator step (the CLI's progress bar). Returns the results.json record, with
     the evaluation samples under the key ``samples`` (a CPU tensor, for the figure)."""
-    base, use_aw, use_brc = parse_scheme(cfg.scheme)
-    if base == "annealed-cfg" and cfg.loss != "vanilla":
-        raise ValueError(f"loss: annealed-cfg trains D on CFG's logistic loss (vanilla); "
-                         f"{cfg.loss!r} does not apply to it")
+    base, use_aw, use_brc = check_config(cfg)
     mixture = get_dataset(cfg.dataset)
     loss = get_loss(cfg.loss)
-    if cfg.steps < 1:
-        raise ValueError(f"steps: expected >= 1, got {cfg.steps}")
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
