@@ -55,6 +55,7 @@ def _extensions():
         cpp_extension.CppExtension(
             "nats_kernels._C",
             cpu_sources,
+            include_dirs=[os.path.join(here, "csrc", "include")],
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
         )

@@ -1,0 +1,149 @@
+// C++ CPU kernels of SPEC §1: cfg_accumulate (stacked and list forms) and cfg_step_.
+//
+//   out = x0 + sum_m c[m, b] * grads[m],   c[m, b] = (weights[m] * eta) * scale[m, b]
+//
+// One pass over memory: each block of up to kBlock elements is loaded from x0 into a small
+// accumulator buffer (float32, float64 for float64), every gradient adds its block, and the
+// block is written to out once. Blocks never straddle a sample (row of the batch dim), so the
+// per-sample factor is one number per block. Arguments arrive validated (nats_kernels/ops/cfg.py).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "nk_cpu_utils.h"
+
+namespace nk_cpu {
+namespace {
+
+// Per-(step, sample) coefficients in the math type, computed as the reference does:
+// (acc(weights[m]) * acc(eta)) * acc(scale[m, b]).
+template <typename A>
+std::vector<A> coefficients(const at::Tensor& weights, double eta,
+                            const std::optional<at::Tensor>& scale, int64_t M, int64_t B) {
+  auto w = weights.reshape({M}).to(at::kDouble).contiguous();
+  const double* wp = w.data_ptr<double>();
+  std::vector<A> coef(static_cast<size_t>(M * B));
+  at::Tensor s;
+  const double* sp = nullptr;
+  if (scale.has_value()) {
+    s = scale->reshape({M, B}).to(at::kDouble).contiguous();
+    sp = s.data_ptr<double>();
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const A wm = static_cast<A>(wp[m]) * static_cast<A>(eta);
+    for (int64_t b = 0; b < B; ++b) {
+      coef[m * B + b] = sp ? wm * static_cast<A>(sp[m * B + b]) : wm;
+    }
+  }
+  return coef;
+}
+
+// out = x0 + sum_m coef[m * B + row] * grads[m]; out, x0, grads share a shape; B == 1 means no
+// per-sample factor, else B == x0.size(0).
+template <typename T>
+void accumulate(const at::Tensor& out, const at::Tensor& x0, const std::vector<at::Tensor>& grads,
+                const std::vector<acc_t<T>>& coef, int64_t B) {
+  using A = acc_t<T>;
+  const int64_t N = out.numel();
+  if (N == 0) return;
+  const int64_t M = static_cast<int64_t>(grads.size());
+  std::vector<const at::Tensor*> ops;
+  ops.reserve(M + 2);
+  ops.push_back(&out);
+  ops.push_back(&x0);
+  for (const auto& g : grads) ops.push_back(&g);
+  const Layout L = make_layout(ops);
+  std::vector<T*> base(ops.size());
+  for (size_t i = 0; i < ops.size(); ++i) base[i] = static_cast<T*>(ops[i]->data_ptr());
+  const int64_t row = N / B;  // elements per sample
+
+  auto run = [&](T* const* p, const int64_t* st, int64_t n, const A* c) {
+    A buf[kBlock];
+    T* o = p[0];
+    const T* x = p[1];
+    if (L.unit_inner) {
+      for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<A>(x[j]);
+      for (int64_t m = 0; m < M; ++m) {
+        const A cm = c[m * B];
+        const T* g = p[2 + m];
+        for (int64_t j = 0; j < n; ++j) buf[j] = buf[j] + cm * static_cast<A>(g[j]);
+      }
+      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<T>(buf[j]);
+    } else {
+      const int64_t sx = st[1];
+      for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<A>(x[j * sx]);
+      for (int64_t m = 0; m < M; ++m) {
+        const A cm = c[m * B];
+        const T* g = p[2 + m];
+        const int64_t sg = st[2 + m];
+        for (int64_t j = 0; j < n; ++j) buf[j] = buf[j] + cm * static_cast<A>(g[j * sg]);
+      }
+      const int64_t so = st[0];
+      for (int64_t j = 0; j < n; ++j) o[j * so] = static_cast<T>(buf[j]);
+    }
+  };
+
+  at::parallel_for(0, N, kChunk, [&](int64_t begin, int64_t end) {
+    int64_t pos = begin;
+    while (pos < end) {
+      const int64_t r = pos / row;
+      const int64_t seg_end = std::min(end, (r + 1) * row);
+      const A* c = coef.data() + r;
+      for_range<T>(L, base.data(), pos, seg_end, kBlock,
+                   [&](T* const* p, const int64_t* st, int64_t n) { run(p, st, n, c); });
+      pos = seg_end;
+    }
+  });
+}
+
+// Computes into a scratch tensor when `out` overlaps an input other than by being the very
+// same view (the one overlap a one-pass elementwise kernel handles), then copies.
+void cfg_dispatch(const at::Tensor& x0, const std::vector<at::Tensor>& grads,
+                  const at::Tensor& weights, double eta, const std::optional<at::Tensor>& scale,
+                  const at::Tensor& out) {
+  const int64_t M = static_cast<int64_t>(grads.size());
+  const int64_t B = scale.has_value() ? x0.size(0) : 1;
+  bool hazard = overlap_hazard(out, x0);
+  for (const auto& g : grads) hazard = hazard || overlap_hazard(out, g);
+  at::Tensor target = hazard ? at::empty_like(out, at::MemoryFormat::Contiguous) : out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "cfg_cpu", [&] {
+    auto coef = coefficients<acc_t<scalar_t>>(weights, eta, scale, M, B);
+    accumulate<scalar_t>(target, x0, grads, coef, B);
+  });
+  if (hazard) out.copy_(target);
+}
+
+void cfg_accumulate_cpu(const at::Tensor& x0, const at::Tensor& grads, const at::Tensor& weights,
+                        double eta, const std::optional<at::Tensor>& scale,
+                        const at::Tensor& out) {
+  std::vector<at::Tensor> list;
+  list.reserve(grads.size(0));
+  for (int64_t m = 0; m < grads.size(0); ++m) list.push_back(grads.select(0, m));
+  cfg_dispatch(x0, list, weights, eta, scale, out);
+}
+
+void cfg_accumulate_list_cpu(const at::Tensor& x0, at::TensorList grads,
+                             const at::Tensor& weights, double eta,
+                             const std::optional<at::Tensor>& scale, const at::Tensor& out) {
+  cfg_dispatch(x0, grads.vec(), weights, eta, scale, out);
+}
+
+void cfg_step_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& weight,
+                  double eta, const std::optional<at::Tensor>& scale) {
+  std::optional<at::Tensor> s;
+  if (scale.has_value()) s = scale->reshape({1, -1});
+  cfg_dispatch(x, {grad}, weight.reshape({1}), eta, s, x);
+}
+
+}  // namespace
+}  // namespace nk_cpu
+
+TORCH_LIBRARY_IMPL(nats_kernels_ext, CPU, m) {
+  m.impl("cfg_accumulate", &nk_cpu::cfg_accumulate_cpu);
+  m.impl("cfg_accumulate_list", &nk_cpu::cfg_accumulate_list_cpu);
+  m.impl("cfg_step_", &nk_cpu::cfg_step_cpu);
+}
