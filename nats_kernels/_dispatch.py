@@ -69,9 +69,16 @@ def requested_backend() -> str:
     return value
 
 
+#: Ops that are not hot paths (a constructor of M numbers): served by the reference whatever
+#: NATS_KERNELS_BACKEND says, so that e.g. NATS_KERNELS_BACKEND=cpu does not break them.
+REFERENCE_ONLY = frozenset({"annealed_weights"})
+
+
 def kernel(op: str, device: torch.device) -> Callable:
     """Return the kernel that runs ``op`` on ``device``: the one dispatch decision."""
     want = requested_backend()
+    if op in REFERENCE_ONLY:
+        return _kernels["reference"][op]
     if want != "auto":
         if want in _unavailable:
             raise RuntimeError(
@@ -89,7 +96,7 @@ def kernel(op: str, device: torch.device) -> Callable:
         return fn
     for backend in _AUTO_ORDER.get(device.type, ("reference",)):
         fn = _kernels[backend].get(op)
-        if fn is not None and _device_ok(backend, device):
+        if fn is not None and backend not in _unavailable and _device_ok(backend, device):
             return fn
         if backend in _unavailable and backend not in _warned:
             _warned.add(backend)

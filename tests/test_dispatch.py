@@ -89,6 +89,15 @@ def test_override_to_backend_without_the_op_is_an_error(fake_cpu_backend, monkey
         nk.iga_ratio([torch.ones(2)], [torch.ones(2)])
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
+def test_annealed_weights_ignores_the_override(monkeypatch, backend):
+    """A constructor of M numbers is no hot path: any NATS_KERNELS_BACKEND still builds it."""
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", backend)
+    assert _dispatch.backend_name("annealed_weights", "cpu") == "reference"
+    w = nk.annealed_weights(1.0, 0.01, 3, dtype=torch.float64)
+    torch.testing.assert_close(w, torch.tensor([1.0, 0.1, 0.01], dtype=torch.float64))
+
+
 def test_override_to_wrong_device_is_an_error(monkeypatch):
     for backend in ("cuda", "triton"):
         monkeypatch.setenv("NATS_KERNELS_BACKEND", backend)
