@@ -1,0 +1,73 @@
+"""pytest-benchmark suite of nats_kernels (not part of the default ``pytest`` run).
+
+Run, from the repository root:
+
+    python -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/cpu-DATE.json
+    python benchmarks/make_results.py benchmarks/results/cpu-DATE.json   # -> benchmarks/RESULTS.md
+
+``NK_BENCH_SIZES=full`` (default) | ``all`` | ``smoke`` picks the size set; ``NK_BENCH_NOTE``
+is copied into the JSON (and so into RESULTS.md), e.g. to say the machine was busy. Shared
+helpers (providers, rooflines, agreement checks, model shapes) are in ``nkbench.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import nkbench
+import pytest
+import torch
+
+import nats_kernels as nk
+
+
+def pytest_collect_file(file_path, parent):
+    """Collect ``bench_*.py`` (the repository's pytest settings only know ``test_*.py``); a
+    file named on the command line is collected by pytest itself."""
+    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
+            and not parent.session.isinitpath(file_path)):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """What RESULTS.md reports about the run besides pytest-benchmark's own machine_info."""
+    args = " ".join(str(a) for a in config.invocation_params.args)
+    mode = nkbench.size_mode()
+    prefix = "" if mode == "full" else f"{nkbench.SIZES_ENV}={mode} "
+    skipped = {}
+    for name, mod in sys.modules.items():
+        if name.startswith("bench_") and hasattr(mod, "skipped"):
+            skipped[name] = mod.skipped()
+    machine_info.update({
+        "nk_command": f"{prefix}python -m pytest {args}",
+        "nk_sizes": mode,
+        "nk_note": os.environ.get("NK_BENCH_NOTE", ""),
+        "nk_skipped": skipped,
+        "nk_backends": {b: {"available": i["available"], "ops": i["ops"]}
+                        for b, i in nk.backends().items()},
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "nats_kernels_version": nk.__version__,
+    })
+
+
+@pytest.fixture
+def use_provider(monkeypatch):
+    """``use_provider(name)``: route nats_kernels' ops to that backend for this test."""
+    return lambda provider: nkbench.use_backend(monkeypatch, provider)
