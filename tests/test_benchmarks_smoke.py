@@ -58,7 +58,7 @@ def test_every_provider_agrees_with_its_baseline(smoke_run):
 
 
 def test_make_results_renders_a_table_per_op(smoke_run):
-    res, path, _, out = smoke_run
+    res, path, out = smoke_run
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     md = out / "RESULTS.md"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_results.py"), str(path),
