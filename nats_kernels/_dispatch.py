@@ -27,6 +27,20 @@ _AUTO_ORDER = {
     "cuda": ("triton", "cuda", "reference"),
 }
 
+# The hot-path ops: the kernel-level schemas of csrc/nats_kernels.cpp, which compiled backends
+# may implement. Every other op is served by the reference whatever NATS_KERNELS_BACKEND says.
+KERNEL_OPS = (
+    "cfg_accumulate",
+    "cfg_accumulate_list",
+    "cfg_step_",
+    "median_pairwise_distance",
+    "multi_dot",
+    "aw_weights",
+    "aw_combine_",
+    "iga_ratio",
+    "iga_correction_",
+)
+
 _kernels: dict[str, dict[str, Callable]] = {b: {} for b in BACKENDS}
 _unavailable: dict[str, str] = {}
 _warned: set[str] = set()
@@ -69,15 +83,10 @@ def requested_backend() -> str:
     return value
 
 
-#: Ops that are not hot paths (a constructor of M numbers): served by the reference whatever
-#: NATS_KERNELS_BACKEND says, so that e.g. NATS_KERNELS_BACKEND=cpu does not break them.
-REFERENCE_ONLY = frozenset({"annealed_weights"})
-
-
 def kernel(op: str, device: torch.device) -> Callable:
     """Return the kernel that runs ``op`` on ``device``: the one dispatch decision."""
     want = requested_backend()
-    if op in REFERENCE_ONLY:
+    if op not in KERNEL_OPS:  # not a hot path (annealed_weights): the reference, whatever is asked
         return _kernels["reference"][op]
     if want != "auto":
         if want in _unavailable:

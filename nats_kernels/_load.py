@@ -13,23 +13,10 @@ import torch
 
 from . import _dispatch
 
-# Kernel-level ops the compiled extensions may implement (csrc/nats_kernels.cpp).
-EXT_OPS = (
-    "cfg_accumulate",
-    "cfg_accumulate_list",
-    "cfg_step_",
-    "median_pairwise_distance",
-    "multi_dot",
-    "aw_weights",
-    "aw_combine_",
-    "iga_ratio",
-    "iga_correction_",
-)
-
 
 def _register_ext(backend: str, dispatch_key: str) -> None:
     """Route each ext op that has a kernel for ``dispatch_key`` to the compiled backend."""
-    for op in EXT_OPS:
+    for op in _dispatch.KERNEL_OPS:
         if torch._C._dispatch_has_kernel_for_dispatch_key(f"nats_kernels_ext::{op}", dispatch_key):
             _dispatch.register(backend, op)(getattr(torch.ops.nats_kernels_ext, op))
 

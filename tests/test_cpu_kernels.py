@@ -17,7 +17,7 @@ from listops import tensor_list
 
 import nats_kernels as nk
 from nats_kernels import _dispatch
-from nats_kernels._load import EXT_OPS
+from nats_kernels._dispatch import KERNEL_OPS
 
 CPU_OPS = (
     "cfg_accumulate",
@@ -77,7 +77,7 @@ def test_cpu_backend_serves_the_ops_by_default(monkeypatch):
     assert info["available"], info["reason"]
     assert set(CPU_OPS) <= set(info["ops"]), info["ops"]
     for op in CPU_OPS:
-        assert op in EXT_OPS
+        assert op in KERNEL_OPS
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"nats_kernels_ext::{op}", "CPU")
         assert _dispatch.backend_name(op, "cpu") == "cpu", op
         assert _dispatch.kernel(op, torch.device("cpu")) is getattr(

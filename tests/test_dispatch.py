@@ -48,9 +48,9 @@ def test_cpu_extension_is_built_and_loads():
     import nats_kernels._C  # noqa: F401
 
     assert nk.backends()["cpu"]["available"], nk.backends()["cpu"]["reason"]
-    from nats_kernels._load import EXT_OPS
+    from nats_kernels._dispatch import KERNEL_OPS
 
-    for op in EXT_OPS:
+    for op in KERNEL_OPS:
         assert hasattr(torch.ops.nats_kernels_ext, op), op
 
 
