@@ -122,7 +122,7 @@ def run(cfg: RunConfig, progress=None) -> dict:
 
     start = time.perf_counter()
     if base == "annealed-cfg":
-        counts, sampler, extra = _run_cfg(cfg, G, D, mixture, loss, use_aw, z, real, progress)
+        counts, sampler, extra = _run_cfg(cfg, G, D, use_aw, z, real, progress)
     else:
         counts, sampler, extra = _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real,
                                              progress)
@@ -147,10 +147,28 @@ def run(cfg: RunConfig, progress=None) -> dict:
     return record
 
 
+class _CountingAW:
+    """AWLoss whose rule case (1..5) of every step is counted on the device (read once, at the
+    end), for the record's ``aw_case_counts``."""
+
+    def __init__(self, discriminator, device):
+        self.aw = schemes.AWLoss(discriminator)
+        self.cases = torch.zeros(6, dtype=torch.long, device=device)
+
+    def backward(self, loss_real, loss_fake, real_logits, fake_logits):
+        out = self.aw.backward(loss_real, loss_fake, real_logits, fake_logits)
+        self.cases.index_add_(0, self.aw.last_case.reshape(1), torch.ones_like(self.cases[:1]))
+        return out
+
+    def counts(self) -> list[int]:
+        return self.cases[1:].tolist()
+
+
 def _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real, progress):
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas)
-    aw = schemes.AWLoss(D) if use_aw else None
+    device = next(G.parameters()).device
+    aw = _CountingAW(D, device) if use_aw else None
     brc = schemes.BRC(G, D) if use_brc else None
     if base == "cts":
         n_d, weights = 1, None
@@ -159,10 +177,7 @@ def _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real, progress):
     else:  # nats: the decreasing geometric weights, as Python numbers
         n_d = cfg.n_d
         weights = annealed_weights(cfg.w_first, cfg.w_last, n_d, dtype=torch.float64).tolist()
-    device = next(G.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    # logged on device, read once at the end: aw's case counts (1..5) and BRC's sum of r
-    aw_cases = torch.zeros(6, dtype=torch.long, device=device)
     r_sum = torch.zeros((), dtype=torch.float64, device=device)
 
     def d_step():
@@ -176,7 +191,6 @@ def _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real, progress):
         opt_d.zero_grad(set_to_none=True)
         if aw is not None:
             aw.backward(loss_real, loss_fake, real_logits, fake_logits)
-            aw_cases.index_add_(0, aw.last_case.reshape(1).long(), torch.ones_like(aw_cases[:1]))
         else:
             (loss_real + loss_fake).backward()
         opt_d.step()
@@ -184,12 +198,12 @@ def _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real, progress):
     def g_step(w):
         fake = G(z(cfg.batch))
         fake_logits = D(fake)
-        F_loss = w * loss.gen(fake_logits) if w != 1 else loss.gen(fake_logits)
+        F_loss = w * loss.gen(fake_logits)
         opt_g.zero_grad(set_to_none=True)
         if brc is not None:
             # f: the discriminator's loss on the same, non-detached fake batch (SPEC §5)
             f = loss.real(D(real(cfg.batch))) + loss.fake(fake_logits)
-            r_sum.add_(brc.backward(F_loss, f))
+            r_sum.add_(brc.backward(F_loss, f))  # BRC's r, summed on device
         else:
             F_loss.backward()
         opt_g.step()
@@ -214,28 +228,21 @@ def _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real, progress):
 
     extra = {}
     if aw is not None:
-        extra["aw_case_counts"] = aw_cases[1:].tolist()
+        extra["aw_case_counts"] = aw.counts()
     if brc is not None:
         extra["brc_mean_r"] = float(r_sum) / g_steps
     return (d_steps, g_steps), sampler, extra
 
 
-def _run_cfg(cfg, G, D, mixture, loss, use_aw, z, real, progress):
+def _run_cfg(cfg, G, D, use_aw, z, real, progress):
     device = next(G.parameters()).device
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    aw = schemes.AWLoss(D) if use_aw else None
-    aw_cases = torch.zeros(6, dtype=torch.long, device=device)
-
-    def aw_backward(loss_real, loss_fake, real_logits, fake_logits):
-        out = aw.backward(loss_real, loss_fake, real_logits, fake_logits)
-        aw_cases.index_add_(0, aw.last_case.reshape(1).long(), torch.ones_like(aw_cases[:1]))
-        return out
-
+    aw = _CountingAW(D, device) if use_aw else None
     model = schemes.AnnealedCFG(
         G, D, M=cfg.cfg_M, eta=cfg.cfg_eta, z_dim=cfg.z_dim, lr=cfg.cfg_lr,
         weights=annealed_weights(cfg.w_first, cfg.w_last, cfg.cfg_M),
         batch_size=cfg.cfg_batch, N=cfg.cfg_N, x_epochs=cfg.cfg_x_epochs, rng=gen,
-        d_backward=aw_backward if use_aw else None,
+        d_backward=aw.backward if aw is not None else None,
     )
 
     def real_batches():
@@ -250,5 +257,5 @@ def _run_cfg(cfg, G, D, mixture, loss, use_aw, z, real, progress):
         g_steps += cfg.cfg_x_epochs * -(-cfg.cfg_N // cfg.cfg_batch)
         if progress is not None:
             progress(cfg.cfg_M)
-    extra = {"aw_case_counts": aw_cases[1:].tolist()} if use_aw else {}
+    extra = {"aw_case_counts": aw.counts()} if aw is not None else {}
     return (d_steps, g_steps), model.generate, extra
