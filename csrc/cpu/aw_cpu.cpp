@@ -76,40 +76,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aw_weights_cpu(
   return aw_weights_impl<float>(dots, s_r, s_f, normalized, alpha1, alpha2, delta, eps);
 }
 
-// out[p] = w_r * g_r[p] + w_f * g_f[p]; the weights are rounded to the math type first (as the
-// reference's w.to(acc)). out[p] may be g_r[p] or g_f[p] itself; any other overlap gets a
-// private copy of the input first.
-void aw_combine_cpu(at::TensorList out, at::TensorList g_r_in, at::TensorList g_f_in,
-                    const at::Tensor& w_r_t, const at::Tensor& w_f_t) {
-  const std::vector<at::Tensor> g_r = safe_inputs(out, g_r_in);
-  const std::vector<at::Tensor> g_f = safe_inputs(out, g_f_in);
-  const ListPlan plan = make_plan({out, g_r, g_f});
-  const double wr_value = w_r_t.item<double>();
-  const double wf_value = w_f_t.item<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out[0].scalar_type(), "aw_comb", [&] {
-    using A = acc_t<scalar_t>;
-    const A wr = static_cast<A>(wr_value);
-    const A wf = static_cast<A>(wf_value);
-    parallel_chunks(plan.nchunks, [&](int64_t c) {
-      for_chunk<scalar_t>(plan, c, kChunk,
-                          [&](int, scalar_t* const* p, const int64_t* st, int64_t n) {
-        scalar_t* o = p[0];
-        const scalar_t* r = p[1];
-        const scalar_t* f = p[2];
-        if (st[0] == 1 && st[1] == 1 && st[2] == 1) {
-          for (int64_t j = 0; j < n; ++j) {
-            o[j] = static_cast<scalar_t>(wr * static_cast<A>(r[j]) + wf * static_cast<A>(f[j]));
-          }
-        } else {
-          const int64_t so = st[0], sr = st[1], sf = st[2];
-          for (int64_t j = 0; j < n; ++j) {
-            o[j * so] = static_cast<scalar_t>(wr * static_cast<A>(r[j * sr]) +
-                                              wf * static_cast<A>(f[j * sf]));
-          }
-        }
-      });
-    });
-  });
+// out[p] = w_r * g_r[p] + w_f * g_f[p] (out[p] may be g_r[p] or g_f[p] itself).
+void aw_combine_cpu(at::TensorList out, at::TensorList g_r, at::TensorList g_f,
+                    const at::Tensor& w_r, const at::Tensor& w_f) {
+  combine_lists(out, g_r, g_f, w_r.item<double>(), w_f.item<double>());
 }
 
 }  // namespace

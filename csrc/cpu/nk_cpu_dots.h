@@ -1,5 +1,7 @@
-// The deterministic three-way inner product over two lists of tensors, shared by multi_dot
-// (aw_cpu.cpp) and iga_ratio (iga_cpu.cpp): (<a,a>, <b,b>, <a,b>) in float64.
+// The two list kernels shared by aw_cpu.cpp and iga_cpu.cpp:
+//  * list_dots: the deterministic three-way inner product (<a,a>, <b,b>, <a,b>) in float64, for
+//    multi_dot and iga_ratio;
+//  * combine_lists: out[p] = wa * a[p] + wb * b[p], for aw_combine_ and iga_correction_.
 //
 // The flat element sequence of all positions is cut into fixed chunks (kChunk); each chunk's
 // three sums go into its own slot of a buffer, and the slots are added in chunk order. Within a
@@ -82,6 +84,40 @@ inline std::array<double, 3> list_dots(at::TensorList a, at::TensorList b) {
 // Math/result dtype of the reductions: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType reduce_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// out[p] = wa * a[p] + wb * b[p] elementwise over lists, in the math type (the weights rounded to
+// it first, as the references' w.to(acc)). out[p] may be a[p] or b[p] itself; any other overlap
+// of an input with an output gets a private copy of that input first.
+inline void combine_lists(at::TensorList out, at::TensorList a_in, at::TensorList b_in,
+                          double wa_value, double wb_value) {
+  const std::vector<at::Tensor> a = safe_inputs(out, a_in);
+  const std::vector<at::Tensor> b = safe_inputs(out, b_in);
+  const ListPlan plan = make_plan({out, a, b});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out[0].scalar_type(), "combine", [&] {
+    using A = acc_t<scalar_t>;
+    const A wa = static_cast<A>(wa_value);
+    const A wb = static_cast<A>(wb_value);
+    parallel_chunks(plan.nchunks, [&](int64_t c) {
+      for_chunk<scalar_t>(plan, c, kChunk,
+                          [&](int, scalar_t* const* p, const int64_t* st, int64_t n) {
+        scalar_t* o = p[0];
+        const scalar_t* x = p[1];
+        const scalar_t* y = p[2];
+        if (st[0] == 1 && st[1] == 1 && st[2] == 1) {
+          for (int64_t j = 0; j < n; ++j) {
+            o[j] = static_cast<scalar_t>(wa * static_cast<A>(x[j]) + wb * static_cast<A>(y[j]));
+          }
+        } else {
+          const int64_t so = st[0], sx = st[1], sy = st[2];
+          for (int64_t j = 0; j < n; ++j) {
+            o[j * so] = static_cast<scalar_t>(wa * static_cast<A>(x[j * sx]) +
+                                              wb * static_cast<A>(y[j * sy]));
+          }
+        }
+      });
+    });
+  });
 }
 
 }  // namespace nk_cpu

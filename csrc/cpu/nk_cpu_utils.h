@@ -21,8 +21,6 @@ namespace nk_cpu {
 
 // Elements per chunk of the multi-tensor kernels (fixed: chunking must not depend on threads).
 constexpr int64_t kChunk = 32768;
-// Longest inner run handed to a kernel body at once (bounds stack buffers of the cfg kernels).
-constexpr int64_t kBlock = 2048;
 
 // One shape shared by `nops` operands, each with its own strides (in elements), after dropping
 // size-1 dims and merging dims that are contiguous with their inner neighbour in every operand.
