@@ -437,17 +437,20 @@ def test_awloss_replaces_a_stale_grad_that_is_part_of_a_graph():
         p.grad = None  # drop the create_graph graph
 
 
+class MixedD(nn.Module):
+    """A discriminator with a float32 and a float64 layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(2, 8)  # float32
+        self.b = nn.Linear(8, 1).double()
+
+    def forward(self, x):
+        return self.b(nnf.leaky_relu(self.a(x.float()), 0.2).double())
+
+
 def test_awloss_mixed_dtypes():
-    class MixedD(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a = nn.Linear(2, 8)  # float32
-            self.b = nn.Linear(8, 1).double()
-
-        def forward(self, x):
-            return self.b(nnf.leaky_relu(self.a(x.float()), 0.2).double())
-
     forward = sample_forward(bce, (16, 2))
     D, D_oracle, aw, loss, expected = run_both(MixedD(), forward)
     assert aw.last_weights[0].dtype == F64
@@ -844,16 +847,6 @@ def test_brc_leaves_tensors_it_does_not_own_alone():
 
 
 def test_brc_mixed_dtype_discriminator():
-    class MixedD(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a = nn.Linear(2, 8)  # float32
-            self.b = nn.Linear(8, 1).double()
-
-        def forward(self, x):
-            return self.b(nnf.leaky_relu(self.a(x.float()), 0.2).double())
-
     G, D = mlp(4, 2, seed=1), MixedD()
     real, z = rand(16, 2), rand(16, 4, seed=1)
     e_r, expected = brc_oracle(G, D, *vgan(D, real, G(z)))
