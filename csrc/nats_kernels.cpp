@@ -21,6 +21,8 @@ TORCH_LIBRARY(nats_kernels_ext, m) {
   m.def("cfg_step_(Tensor(a!) x, Tensor grad, Tensor weight, float eta, Tensor? scale) -> ()");
   m.def("median_pairwise_distance(Tensor x, Tensor? y, bool squared, int memory_budget) "
         "-> Tensor");
+  // Diagnostics of the CPU median: (window, radix) problems solved so far (tests, profiling).
+  m.def("median_path_counts() -> Tensor");
   m.def("multi_dot(Tensor[] a, Tensor[] b) -> Tensor");
   m.def("aw_weights(Tensor dots, Tensor real_logits, Tensor fake_logits, bool normalized, "
         "float alpha1, float alpha2, float delta, float eps) -> (Tensor, Tensor, Tensor)");

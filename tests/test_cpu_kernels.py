@@ -28,6 +28,7 @@ CPU_OPS = (
     "aw_combine_",
     "iga_ratio",
     "iga_correction_",
+    "median_pairwise_distance",
 )
 
 pytestmark = pytest.mark.skipif(
@@ -318,3 +319,111 @@ def test_aw_weights_large_logits_match_reference(dtype, monkeypatch):
             assert got[0].dtype == got[1].dtype == dots_dtype
             assert_close(got[0], ref[0], dots_dtype, "w_r")
             assert_close(got[1], ref[1], dots_dtype, "w_f")
+
+
+# ------------------------------------------------------------------------------ median paths
+# csrc/cpu/median_cpu.cpp selects by a window pass (keys between two sampled bounds are kept and
+# the rank is found among them) or, when the window cannot hold the rank or the budget, by radix
+# passes over recomputed tiles. median_path_counts() says which path each problem took.
+
+
+def path_counts() -> list[int]:
+    return torch.ops.nats_kernels_ext.median_path_counts().tolist()
+
+
+def ran_paths(fn):
+    """(result, [window problems, radix problems]) of one call."""
+    before = path_counts()
+    out = fn()
+    return out, [a - b for a, b in zip(path_counts(), before)]
+
+
+def lattice_points(n: int, d: int, r: int, dtype, seed: int) -> torch.Tensor:
+    """n (even) points with integer coordinates in [-r, r], closed under negation so that their
+    mean is exactly 0 (the kernel centres its inputs): every squared distance, norm and dot
+    product is a small integer, computed exactly by the GEMM form and the direct form alike, so
+    any selection error shows."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randint(-r, r + 1, (n // 2, d), generator=g)
+    x = torch.cat([p, -p])
+    return x[torch.randperm(n, generator=g)].to(dtype)
+
+
+def exact_sq_median(x: torch.Tensor, y: torch.Tensor | None = None) -> float:
+    x64 = x.double()
+    if y is None:
+        i, j = torch.triu_indices(x.shape[0], x.shape[0], 1)
+        sq = ((x64[i] - x64[j]) ** 2).sum(-1)
+    else:
+        sq = torch.cdist(x64, y.double()).square().round().flatten()
+    return sq.kthvalue((sq.numel() - 1) // 2 + 1).values.item()
+
+
+@pytest.mark.parametrize("d", [3, 40])  # the direct form (d <= 16) and the GEMM form
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_median_paths_agree_exactly(d, dtype, monkeypatch, threads):
+    """The same exact squared median from the kept-all window (small problem), the sampled
+    window (default budget), and radix passes (a budget too small for the window), with one
+    thread and with the pool; each path is checked to have run."""
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", "cpu")
+    x = lattice_points(1100, d, 6, dtype, seed=d)  # 604450 pairs: more than the kept-all 2^18
+    want = exact_sq_median(x)
+    small = lattice_points(300, d, 6, dtype, seed=d + 2)  # 44850 pairs: all kept
+    for n_threads in (1, torch.get_num_threads()):
+        torch.set_num_threads(n_threads)
+        got, paths = ran_paths(lambda: nk.median_pairwise_distance(small, squared=True))
+        assert got.item() == exact_sq_median(small) and paths == [1, 0], (got, paths)
+        got, paths = ran_paths(lambda: nk.median_pairwise_distance(x, squared=True))
+        assert got.item() == want and paths == [1, 0], (n_threads, got, paths)
+        got, paths = ran_paths(
+            lambda: nk.median_pairwise_distance(x, squared=True, memory_budget=50_000))
+        assert got.item() == want and paths == [0, 1], (n_threads, got, paths)
+        threads()
+    y = lattice_points(700, d, 6, dtype, seed=d + 1)  # cross: 770000 pairs, mean of both 0
+    got, paths = ran_paths(lambda: nk.median_pairwise_distance(x, y, squared=True))
+    assert got.item() == exact_sq_median(x, y) and paths == [1, 0], (got, paths)
+
+
+@pytest.mark.parametrize("d", [3, 40])
+def test_median_bit_identical_across_thread_counts(d, monkeypatch, threads):
+    """Random float32 data, where the tile shape decides the rounding: the same bits with one
+    thread and with the pool (tiles depend on the budget only), on both selection paths."""
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", "cpu")
+    x = make((1500, d), torch.float32, seed=7)
+    xb = make((3, 200, d), torch.float32, seed=8)
+    runs = []
+    for n_threads in (1, torch.get_num_threads()):
+        torch.set_num_threads(n_threads)
+        runs.append([
+            nk.median_pairwise_distance(x),
+            nk.median_pairwise_distance(x, memory_budget=100_000),
+            nk.median_pairwise_distance(xb, batched=True),
+            nk.median_pairwise_distance(x, xb[0]),
+        ])
+        threads()
+    for a, b in zip(*runs):
+        assert same_bits(a, b), (a, b)
+
+
+@pytest.mark.slow
+def test_median_more_than_2_31_pairs(monkeypatch):
+    """65537 points 0, 1, ..., 65536 on a line: 2,147,516,416 pairs (> 2^31), distances |i - j|
+    with multiplicity N - |i - j|, so the lower median is known in closed form. float64 keeps
+    every squared distance exact; the 1 GiB budget lets the one window pass hold its keys."""
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", "cpu")
+    n = 65537
+    n_pairs = n * (n - 1) // 2
+    assert n_pairs > 2**31
+    k = (n_pairs - 1) // 2
+    # smallest t with #{pairs at distance <= t} = t*n - t(t+1)/2 > k
+    lo, hi = 1, n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mid * n - mid * (mid + 1) // 2 > k:
+            hi = mid
+        else:
+            lo = mid + 1
+    x = torch.arange(n, dtype=torch.float64)[:, None]
+    got, paths = ran_paths(
+        lambda: nk.median_pairwise_distance(x, squared=True, memory_budget=2**30))
+    assert got.item() == float(lo * lo) and paths == [1, 0], (got, lo, paths)

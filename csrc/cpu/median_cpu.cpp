@@ -1,0 +1,448 @@
+// C++ CPU kernel of SPEC §3: the exact lower median of pairwise Euclidean distances, without the
+// N x N matrix. Arguments arrive validated (nats_kernels/ops/median.py): x is (B, N, d), y is
+// (B, M, d) or None, both floating and of one dtype, memory_budget > 0.
+//
+// Per problem (batch element), in float32 (float64 for float64 inputs):
+//
+// 1. Scale the coordinates by an exact power of two so that they are below 1 in magnitude and
+//    centre them on their mean (as the reference does: no overflow or underflow of the norms,
+//    less cancellation in |a|^2 + |b|^2 - 2<a, b>).
+// 2. Squared distances come tile by tile (tiles of at most kTileMax x kTileMax pairs, on or
+//    above the diagonal only for the pairwise form): for d > kDirectMaxD one at::mm per tile and
+//    (|a|^2 + |b|^2) - 2<a, b>; for small d the squared differences summed directly. Each value
+//    becomes its key: the IEEE bit pattern of the (non-negative) value, which orders like the
+//    value. The tiling depends only on the shapes and the budget (never on the thread count),
+//    so a recomputed tile is bit-identical to the first computation.
+// 3. Selection of the key of rank k = (n - 1) // 2 (the lower median), exactly:
+//    * Window pass (the usual case: one pass over the tiles). The keys of S independent pairs
+//      drawn by a fixed-seed generator (S = n / 512, clamped to [8192, 2^20]) give two keys
+//      lo <= hi that bracket rank k by 6 standard deviations of the sample quantile. The pass
+//      counts the keys below lo and keeps those in [lo, hi] (a few percent of them). If rank k
+//      falls in the window and the kept keys fit a quarter of the budget, std::nth_element over
+//      the kept keys gives the answer. A problem of at most kKeepAll pairs keeps every key.
+//    * Otherwise (a sample that missed, by chance of about 1e-9, or a budget too small for the
+//      window) radix selection with 16-bit digits over the bit patterns: each pass recomputes
+//      the tiles and histograms the next digit of the keys that match the prefix fixed so far
+//      (per-thread int64 histograms, summed afterwards), until all 32 (64) bits are pinned: 2
+//      (4) more passes.
+//    Either way the answer is one of the computed distances, and all counts are int64.
+//    median_path_counts() reports how many problems each path solved.
+// 4. Scale back by the power of two (squared, or after the square root).
+//
+// Parallelism: one parallel region per pass over whole tiles (see for_each_tile).
+// Memory: one tile per thread (1/64 of the budget each, at most kTileMax^2 values), the kept
+// keys (at most a quarter of memory_budget; with vector growth and the final gather at most 3/4
+// of it), per-thread histograms in the fallback, the sample, plus the scaled and centred copies
+// of the inputs. A problem with NaN or Inf in its input returns NaN without computing distances
+// (a distance with a non-finite coordinate is undefined), as the reference's result is.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace nk_cpu {
+namespace {
+
+constexpr int64_t kTileMax = 512;     // side of a distance tile (fixed: recomputation repeats it)
+// Problems with at most kKeepAll pairs keep all their keys (when they fit the budget); larger
+// ones sample n_pairs / kSampleDivisor pairs (clamped to [kSampleMin, kSampleMax]) to place the
+// window. A sampled pair costs about as much as ~30 pairs of a tile (a gathered row pair against
+// a GEMM), so the sample is ~6% of the pass.
+constexpr int64_t kKeepAll = int64_t{1} << 18;
+constexpr int64_t kSampleDivisor = 512;
+constexpr int64_t kSampleMin = 8192;
+constexpr int64_t kSampleMax = int64_t{1} << 20;
+// Up to this many features, distances are summed directly from differences (exact for data
+// whose differences and squares are exact, and faster than a GEMM whose inner dimension is tiny).
+constexpr int64_t kDirectMaxD = 16;
+constexpr int kDigitBits = 16;
+constexpr int64_t kBins = int64_t{1} << kDigitBits;
+
+// How many problems each selection path finished (for tests and profiling; see
+// median_path_counts): [0] the window pass, [1] the radix fallback.
+std::atomic<int64_t> g_path_counts[2] = {{0}, {0}};
+
+template <typename T>
+struct KeyOf;
+template <>
+struct KeyOf<float> {
+  using type = uint32_t;
+};
+template <>
+struct KeyOf<double> {
+  using type = uint64_t;
+};
+
+// The key of a squared distance: its bit pattern, after turning a negative value (rounding in
+// the |a|^2 + |b|^2 - 2<a, b> form) and -0 into +0, so that bit patterns order like values.
+// NaN cannot occur: problems with non-finite inputs never get here, and scaled coordinates
+// below 1 keep every norm, dot product and difference finite. Branch-free, so loops vectorize.
+template <typename T>
+inline typename KeyOf<T>::type key_of(T v) {
+  v = v > T(0) ? v : T(0);
+  typename KeyOf<T>::type k;
+  std::memcpy(&k, &v, sizeof(T));
+  return k;
+}
+
+template <typename T>
+struct Problem {
+  at::Tensor a, b;            // (n, d), (m, d): scaled, centred, contiguous, work dtype
+  at::Tensor norm_a, norm_b;  // (n,), (m,) (GEMM form)
+  at::Tensor b_t;             // (d, m) contiguous (direct form)
+  int64_t n = 0, m = 0, d = 0;
+  bool pairwise = true;
+  bool direct = false;  // d <= kDirectMaxD: sum the squared differences, no GEMM
+  int64_t tile = 1;
+};
+
+// Calls row_fn(thread, sq, c0, cols) for every row of every tile: sq[c], c in [c0, cols), is the
+// squared distance of the pair (i, j0 + c) before key_of, and only pairs j > i appear for the
+// pairwise form. GEMM form: one at::mm per tile, then each row turns its dot products into
+// (|a_i|^2 + |b_j|^2) - 2<a_i, b_j> in place. Direct form (small d): each row sums (a_i - b_j)^2
+// over the d features into its slice of the tile buffer.
+//
+// One parallel region per pass, over whole tiles: each thread computes its tiles with a
+// single-threaded mm (nested parallelism is off inside at::parallel_for) into its own buffer. A
+// region per tile would pay an OpenMP fork/join per tile, measured to dominate on a busy 2-core
+// machine. A tile's values depend only on its shape and data, never on the thread computing it.
+template <typename T, typename RowFn>
+void for_each_tile(const Problem<T>& P, const RowFn& row_fn) {
+  const int64_t t = P.tile, d = P.d;
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t i0 = 0; i0 < P.n; i0 += t)
+    for (int64_t j0 = P.pairwise ? i0 : 0; j0 < P.m; j0 += t) tiles.emplace_back(i0, j0);
+  const T* na = P.direct ? nullptr : P.norm_a.template data_ptr<T>();
+  const T* nb = P.direct ? nullptr : P.norm_b.template data_ptr<T>();
+  const T* a = P.a.template data_ptr<T>();
+  const T* bt = P.direct ? P.b_t.template data_ptr<T>() : nullptr;
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t first, int64_t last) {
+    const int thread = at::get_thread_num();
+    at::Tensor flat = at::empty({t * t}, P.a.options());
+    for (int64_t idx = first; idx < last; ++idx) {
+      const int64_t i0 = tiles[idx].first, j0 = tiles[idx].second;
+      const int64_t ti = std::min(t, P.n - i0), tj = std::min(t, P.m - j0);
+      at::Tensor out = flat.narrow(0, 0, ti * tj).view({ti, tj});
+      if (!P.direct) at::mm_out(out, P.a.narrow(0, i0, ti), P.b.narrow(0, j0, tj).t());
+      T* buf = out.template data_ptr<T>();
+      const bool diagonal = P.pairwise && i0 == j0;
+      for (int64_t r = 0; r < ti; ++r) {
+        const int64_t c0 = diagonal ? r + 1 : 0;
+        if (c0 >= tj) continue;
+        T* sq = buf + r * tj;
+        const int64_t i = i0 + r;
+        if (P.direct) {
+          const T* ai = a + i * d;
+          for (int64_t c = c0; c < tj; ++c) sq[c] = T(0);
+          for (int64_t f = 0; f < d; ++f) {
+            const T x = ai[f];
+            const T* col = bt + f * P.m + j0;
+            for (int64_t c = c0; c < tj; ++c) {
+              const T diff = x - col[c];
+              sq[c] += diff * diff;
+            }
+          }
+        } else {
+          const T ni = na[i];
+          const T* nj = nb + j0;
+          for (int64_t c = c0; c < tj; ++c) sq[c] = (ni + nj[c]) - T(2) * sq[c];
+        }
+        row_fn(thread, sq, c0, tj);
+      }
+    }
+  });
+}
+
+struct alignas(64) WindowState {
+  int64_t below = 0;
+  int64_t inside = 0;
+};
+
+inline uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+// The keys of `count` pairs drawn uniformly (with replacement) from the problem's pairs by a
+// fixed-seed generator, squared distances summed directly. Independent pairs, not a grid of
+// sampled points: the median of the distances among a few hundred sampled points is off by
+// percents of rank (each point's influence does not average out), that of independent pairs by
+// ~0.5/sqrt(count).
+template <typename T>
+std::vector<typename KeyOf<T>::type> sample_keys(const Problem<T>& P, int64_t count) {
+  using K = typename KeyOf<T>::type;
+  std::vector<int64_t> pi(count), pj(count);
+  uint64_t state = 0x6e6b5f6d65646961ULL;  // fixed seed: the sample depends on shapes only
+  const uint64_t n = static_cast<uint64_t>(P.n), m = static_cast<uint64_t>(P.m);
+  for (int64_t s = 0; s < count; ++s) {
+    uint64_t i, j;
+    do {
+      i = splitmix64(state) % n;
+      j = splitmix64(state) % m;
+    } while (P.pairwise && i == j);
+    pi[s] = static_cast<int64_t>(i);
+    pj[s] = static_cast<int64_t>(j);
+  }
+  const int64_t d = P.d;
+  const T* a = P.a.template data_ptr<T>();
+  const T* b = P.b.template data_ptr<T>();
+  std::vector<K> keys(count);
+  at::parallel_for(0, count, std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1)),
+                   [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const T* u = a + pi[s] * d;
+      const T* v = b + pj[s] * d;
+      constexpr int kLanes = 8;  // independent partial sums (a sample needs no fixed order)
+      T part[kLanes] = {};
+      int64_t t = 0;
+      for (; t + kLanes <= d; t += kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+          const T diff = u[t + l] - v[t + l];
+          part[l] += diff * diff;
+        }
+      T acc = 0;
+      for (; t < d; ++t) acc += (u[t] - v[t]) * (u[t] - v[t]);
+      for (int l = 0; l < kLanes; ++l) acc += part[l];
+      keys[s] = key_of<T>(acc);
+    }
+  });
+  return keys;
+}
+
+// Window pass: true and the key of rank k in `answer` when rank k lies in [lo, hi] and the keys
+// there fit `capacity`; false otherwise.
+template <typename T>
+bool window_select(const Problem<T>& P, int64_t k, typename KeyOf<T>::type lo,
+                   typename KeyOf<T>::type hi, int64_t capacity,
+                   typename KeyOf<T>::type* answer) {
+  using K = typename KeyOf<T>::type;
+  const int nthreads = at::get_num_threads();
+  std::vector<WindowState> state(nthreads);
+  std::vector<std::vector<K>> kept(nthreads);
+  const K span = static_cast<K>(hi - lo);
+  // Kept keys are counted globally; once they exceed the capacity every thread drops its own
+  // and stops keeping. Whether that happens depends only on the total, not on thread timing:
+  // every row adds its count until the flag is up, so the flag goes up iff the total exceeds it.
+  std::atomic<int64_t> kept_total{0};
+  std::atomic<bool> overflow{false};
+  auto row = [&](int thread, const T* sq, int64_t c0, int64_t cols) {
+    // Count first (a branch-free loop), then keep the row's window keys if it has any.
+    int64_t below = 0, inside = 0;
+    for (int64_t c = c0; c < cols; ++c) {
+      const K key = key_of<T>(sq[c]);
+      below += key < lo;
+      inside += static_cast<K>(key - lo) <= span;  // lo <= key <= hi
+    }
+    WindowState& s = state[thread];
+    s.below += below;
+    s.inside += inside;
+    if (inside == 0) return;
+    std::vector<K>& v = kept[thread];
+    if (overflow.load(std::memory_order_relaxed)) {
+      if (v.capacity() > 0) std::vector<K>().swap(v);
+      return;
+    }
+    if (kept_total.fetch_add(inside, std::memory_order_relaxed) + inside > capacity) {
+      overflow.store(true, std::memory_order_relaxed);
+      std::vector<K>().swap(v);
+      return;
+    }
+    for (int64_t c = c0; c < cols; ++c) {
+      const K key = key_of<T>(sq[c]);
+      if (static_cast<K>(key - lo) <= span) v.push_back(key);
+    }
+  };
+  for_each_tile(P, row);
+  int64_t below = 0, inside = 0;
+  for (const auto& s : state) {
+    below += s.below;
+    inside += s.inside;
+  }
+  if (overflow.load() || k < below || k >= below + inside) return false;
+  std::vector<K> all;
+  all.reserve(inside);
+  for (auto& v : kept) {
+    all.insert(all.end(), v.begin(), v.end());
+    std::vector<K>().swap(v);
+  }
+  auto nth = all.begin() + (k - below);
+  std::nth_element(all.begin(), nth, all.end());
+  *answer = *nth;
+  return true;
+}
+
+// Radix selection over recomputed tiles: kKeyBits / 16 passes, each pinning one 16-bit digit.
+template <typename T>
+typename KeyOf<T>::type radix_select(const Problem<T>& P, int64_t k) {
+  using K = typename KeyOf<T>::type;
+  constexpr int kKeyBits = 8 * sizeof(K);
+  const int nthreads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> hist(nthreads);
+  K prefix = 0;
+  int64_t rank = k;
+  for (int shift = kKeyBits - kDigitBits; shift >= 0; shift -= kDigitBits) {
+    // Bits above the current digit must equal the prefix found so far (none on the first pass).
+    const K high_mask =
+        shift + kDigitBits >= kKeyBits ? K(0) : static_cast<K>(~K(0) << (shift + kDigitBits));
+    for (auto& h : hist) h.assign(kBins, 0);
+    auto row = [&](int thread, const T* sq, int64_t c0, int64_t cols) {
+      int64_t* h = hist[thread].data();
+      for (int64_t c = c0; c < cols; ++c) {
+        const K key = key_of<T>(sq[c]);
+        if ((key & high_mask) == prefix) ++h[(key >> shift) & (kBins - 1)];
+      }
+    };
+    for_each_tile(P, row);
+    int64_t digit = 0;
+    for (; digit < kBins; ++digit) {
+      int64_t count = 0;
+      for (const auto& h : hist) count += h[digit];
+      if (rank < count) break;
+      rank -= count;
+    }
+    // digit < kBins always: the prefix's keys number more than `rank` by construction.
+    prefix |= static_cast<K>(static_cast<K>(digit) << shift);
+  }
+  return prefix;
+}
+
+// The median of one problem: x (N, d), y (M, d) or none, all finite.
+template <typename T>
+T median_one(const at::Tensor& x, const c10::optional<at::Tensor>& y, bool squared,
+             int64_t memory_budget) {
+  using K = typename KeyOf<T>::type;
+  const auto work = c10::CppTypeToScalarType<T>::value;
+  Problem<T> P;
+  P.pairwise = !y.has_value();
+  P.n = x.size(0);
+  P.m = P.pairwise ? P.n : y->size(0);
+  const int64_t d = x.size(1);
+
+  // Exact power-of-two scaling: |coordinates| < 2^e, clamped so that 2^-e and 2^e are normal.
+  at::Tensor a = x.to(work);
+  at::Tensor b = P.pairwise ? a : y->to(work);
+  double big = 0.0;
+  if (d > 0) {
+    big = a.abs().max().template item<double>();
+    if (!P.pairwise) big = std::max(big, b.abs().max().template item<double>());
+  }
+  int e = 0;
+  std::frexp(big, &e);
+  const int bound = std::is_same<T, double>::value ? 768 : 96;
+  e = std::clamp(e, -bound, bound);
+  const T down = static_cast<T>(std::ldexp(1.0, -e));
+  const T up = static_cast<T>(std::ldexp(1.0, e));
+  a = a * down;  // a new tensor even when x already has the work dtype
+  if (P.pairwise) {
+    a -= a.mean(0, true);
+    b = a;
+  } else {
+    b = b * down;
+    at::Tensor centre = (a.sum(0, true) + b.sum(0, true)) / static_cast<double>(P.n + P.m);
+    a -= centre;
+    b -= centre;
+  }
+  P.a = a.contiguous();
+  P.b = b.contiguous();
+  P.d = d;
+  P.direct = d <= kDirectMaxD;
+  if (P.direct) {
+    P.b_t = P.b.t().contiguous();
+  } else {
+    P.norm_a = (P.a * P.a).sum(-1).contiguous();
+    P.norm_b = P.pairwise ? P.norm_a : (P.b * P.b).sum(-1).contiguous();
+  }
+
+  const int64_t n_pairs = P.pairwise ? P.n * (P.n - 1) / 2 : P.n * P.m;
+  const int64_t k = (n_pairs - 1) / 2;
+  // Each thread holds one tile: a tile gets 1/64 of the budget, so that up to 16 threads' tiles
+  // take a quarter of it. The side depends on the budget only, never on the thread count, so
+  // tiles (and results) are the same whatever torch.set_num_threads says.
+  const int64_t tile_budget = std::max<int64_t>(1, memory_budget / 64 / sizeof(T));
+  int64_t side = 1;
+  while ((side + 1) * (side + 1) <= tile_budget && side < kTileMax) ++side;
+  P.tile = std::min(side, std::max(P.n, P.m));
+  const int64_t capacity = memory_budget / 4 / static_cast<int64_t>(sizeof(K));
+
+  K key = 0;
+  bool found = false;
+  if (n_pairs <= std::min(capacity, kKeepAll)) {  // small: keep every key
+    found = window_select<T>(P, k, K(0), static_cast<K>(~K(0)), capacity, &key);
+  } else {
+    // Sample ranks: rank k sits at fraction p of the pairs; the sample's p-quantile is off by
+    // about sd = sqrt(p(1-p)/S) of the ranks, so the window spans +-(6 sd + 2/S) around it.
+    const int64_t S = std::clamp<int64_t>(n_pairs / kSampleDivisor, kSampleMin, kSampleMax);
+    std::vector<K> s = sample_keys<T>(P, S);
+    const double p = static_cast<double>(k) / static_cast<double>(n_pairs - 1);
+    const double margin = 6.0 * std::sqrt(std::max(p * (1 - p), 1e-3) / S) + 2.0 / S;
+    const double lo_pos = std::floor((p - margin) * static_cast<double>(S - 1));
+    const double hi_pos = std::ceil((p + margin) * static_cast<double>(S - 1));
+    K lo = 0, hi = static_cast<K>(~K(0));
+    if (lo_pos > 0) {
+      auto it = s.begin() + static_cast<int64_t>(lo_pos);
+      std::nth_element(s.begin(), it, s.end());
+      lo = *it;
+    }
+    if (hi_pos < static_cast<double>(S - 1)) {
+      auto it = s.begin() + static_cast<int64_t>(hi_pos);
+      std::nth_element(s.begin(), it, s.end());
+      hi = *it;
+    }
+    std::vector<K>().swap(s);
+    // A window that cannot fit (expected keys beyond the capacity) is not tried.
+    if (2.0 * margin * static_cast<double>(n_pairs) <= 0.5 * static_cast<double>(capacity))
+      found = window_select<T>(P, k, lo, hi, capacity, &key);
+  }
+  if (!found) key = radix_select<T>(P, k);
+  ++g_path_counts[found ? 0 : 1];
+  T value;
+  std::memcpy(&value, &key, sizeof(T));
+  // Undo the scaling: exact, unless the true value lies beyond the dtype's range.
+  return squared ? value * up * up : std::sqrt(value) * up;
+}
+
+at::Tensor median_pairwise_distance_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& y,
+                                        bool squared, int64_t memory_budget) {
+  const int64_t batch = x.size(0);
+  const auto work = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor result = at::empty({batch}, x.options().dtype(work));
+  AT_DISPATCH_FLOATING_TYPES(work, "median_pairwise_distance_cpu", [&] {
+    scalar_t* r = result.data_ptr<scalar_t>();
+    for (int64_t bi = 0; bi < batch; ++bi) {
+      const at::Tensor xb = x.select(0, bi);
+      c10::optional<at::Tensor> yb;
+      if (y.has_value()) yb = y->select(0, bi);
+      bool finite = at::isfinite(xb).all().item<bool>();
+      if (finite && yb.has_value()) finite = at::isfinite(*yb).all().item<bool>();
+      r[bi] = finite ? median_one<scalar_t>(xb, yb, squared, memory_budget)
+                     : std::numeric_limits<scalar_t>::quiet_NaN();
+    }
+  });
+  return result.to(x.scalar_type());
+}
+
+}  // namespace
+
+// (window, radix) problems solved since the library was loaded.
+at::Tensor median_path_counts() {
+  return at::tensor({g_path_counts[0].load(), g_path_counts[1].load()}, at::kLong);
+}
+
+}  // namespace nk_cpu
+
+TORCH_LIBRARY_IMPL(nats_kernels_ext, CPU, m) {
+  m.impl("median_pairwise_distance", &nk_cpu::median_pairwise_distance_cpu);
+}
+
+TORCH_LIBRARY_IMPL(nats_kernels_ext, CompositeExplicitAutograd, m) {
+  m.impl("median_path_counts", &nk_cpu::median_path_counts);
+}
