@@ -80,11 +80,17 @@ def _extensions():
         _say("no GPU visible: not building the CUDA extension "
              "(NATS_KERNELS_FORCE_CUDA=1 forces it)")
     else:
+        # --fmad=false: no float a * b + c is contracted into one FMA, so the kernels round like
+        # the reference and the CPU kernels (the CUDA kernels spell their hot arithmetic with
+        # *_rn intrinsics anyway; this covers the shared scalar code in nk/aw_rule.h).
+        # .ci/nvcc_check compiles csrc/cuda/*.cu with these flags too.
+        nvcc = ["-O3", "-std=c++17", "-lineinfo", "--fmad=false"]
         exts.append(
             cpp_extension.CUDAExtension(
                 "nats_kernels._cuda",
                 cuda_sources,
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+                include_dirs=[os.path.join(here, "csrc", "include")],
+                extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                 extra_link_args=link,
             )
         )
