@@ -1,0 +1,146 @@
+"""The Triton backend in the default ``pytest`` run, on a machine without a GPU.
+
+* ``test_triton_suites_under_the_interpreter``: the triton-parametrized tests of the op suites
+  and tests/test_triton.py, run in a subprocess with TRITON_INTERPRET=1 (Triton reads it when
+  the kernels are defined, so it cannot be switched on inside this process). It fails if the
+  subprocess fails, skips anything, or runs fewer tests than the suites hold today.
+* ``test_kernels_compile_for_a_gpu``: the GPU path the interpreter does not take -- Triton's
+  compiler (typing of the tuple arguments and the slot-selection branches, the float64
+  annotations, do_not_specialize) down to a cubin for sm_90 -- by calling every launcher with
+  CPU tensors under a stand-in driver that compiles each kernel variant and launches nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Tests the interpreted run must pass, per module (the counts of today's suites, slightly
+# rounded down so that adding a case never breaks this; removing many of them does).
+MINIMUM = {"test_cfg": 80, "test_aw": 520, "test_iga": 300, "test_triton": 45}
+# One test per op that must be among them (the op suites' main oracle tests).
+MUST_RUN = (
+    "test_cfg_accumulate_matches_oracle",
+    "test_cfg_step_matches_oracle",
+    "test_multi_dot_matches_oracle",
+    "test_aw_weights_table",
+    "test_aw_combine_matches_oracle",
+    "test_iga_ratio_matches_oracle",
+    "test_iga_correction_matches_oracle",
+    "test_opcheck_on_triton",
+)
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NATS_KERNELS_BACKEND", "TRITON_INTERPRET")}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="already under the interpreter: the suites run directly")
+def test_triton_suites_under_the_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    report = tmp_path / "report.xml"
+    files = [f"tests/{m}.py" for m in MINIMUM]
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", *files, "-k", "triton", "-q", "-p", "no:cacheprovider",
+         f"--junitxml={report}"],
+        cwd=ROOT, env=_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=1200,
+    )
+    tail = (res.stdout + res.stderr)[-6000:]
+    assert res.returncode == 0, f"interpreted triton tests failed:\n{tail}"
+    cases = ET.parse(report).getroot().iter("testcase")
+    ran, per_module, names = 0, Counter(), set()
+    for case in cases:
+        bad = [c.tag for c in case if c.tag in ("failure", "error", "skipped")]
+        assert not bad, f"{case.get('classname')}::{case.get('name')}: {bad}\n{tail}"
+        ran += 1
+        per_module[case.get("classname").rsplit(".", 1)[-1]] += 1
+        names.add(case.get("name").split("[")[0])
+    for module, least in MINIMUM.items():
+        assert per_module[module] >= least, (
+            f"only {per_module[module]} triton tests of {module} ran (expected >= {least})")
+    missing = [n for n in MUST_RUN if n not in names]
+    assert not missing, f"not run under the interpreter: {missing}"
+    print(f"{ran} triton tests passed under TRITON_INTERPRET=1: {dict(per_module)}")
+
+
+COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class CompileOnly:
+        # What JITFunction.run asks of the driver; the target is an H100 (sm_90).
+        def get_current_device(self):
+            return 0
+        def get_current_stream(self, device=None):
+            return 0
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    driver.set_active(CompileOnly())
+    compiled = []
+    def getitem(self, grid):
+        def run(*args, **kwargs):
+            kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
+            assert "cubin" in kernel.asm, sorted(kernel.asm)
+            compiled.append(self.fn.__name__)
+        return run
+    JITFunction.__getitem__ = getitem
+
+    from nats_kernels.triton import aw, cfg, iga
+    from nats_kernels.triton.cfg import MAX_LIST
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        def r(*shape):
+            return torch.randn(shape).to(dtype)
+        a = [r(5, 7), r(3), r(), r(2, 6).t()]  # a contiguous and a strided launch group
+        b = [r(5, 7), r(3), r(), r(6, 2)]
+        dots = aw.multi_dot(a, b)
+        iga.iga_ratio(a, b, 1e-12)
+        w = torch.tensor(0.5)
+        aw.aw_combine_([t.clone() for t in a], a, b, w, w)
+        iga.iga_correction_([t.clone() for t in a], b, w)
+        aw.aw_weights(dots.to(dtype), r(6), r(4, 3).t(), True, 0.5, 0.75, 0.05, 0.05)
+        aw.aw_weights(dots.double(), r(6), torch.randn(5).double(), False, 0.5, 0.75, 0.05, 0.05)
+        x, g = r(4, 6), r(3, 4, 6)
+        weights, scale = torch.randn(3, dtype=torch.float64), torch.randn(3, 4)
+        cfg.cfg_accumulate(x, g, weights, 0.3, scale, torch.empty_like(x))
+        cfg.cfg_accumulate(x.t(), g.transpose(1, 2), weights, 0.3, None, torch.empty_like(x.t()))
+        cfg.cfg_accumulate_list(x, list(g), weights, 0.3, scale, torch.empty_like(x))
+        M = MAX_LIST + 2  # two passes through the scratch
+        cfg.cfg_accumulate_list(x, [r(4, 6) for _ in range(M)], torch.randn(M), 0.3, None, x)
+        cfg.cfg_step_(x, g[0], torch.tensor(0.5), 1.0, torch.randn(4))
+    print(len(compiled), "launches compiled:", sorted(set(compiled)))
+    """
+)
+
+
+def test_kernels_compile_for_a_gpu(tmp_path):
+    triton = pytest.importorskip("triton")
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    res = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+        env=_env(TRITON_CACHE_DIR=str(tmp_path / "cache")), timeout=900,
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    kernels = {"_dots_partial_kernel", "_dots_final_kernel", "_combine_kernel",
+               "_sigmoid_partial_kernel", "_aw_rule_kernel", "_cfg_stacked_kernel",
+               "_cfg_list_kernel"}
+    assert all(k in res.stdout for k in kernels), res.stdout
