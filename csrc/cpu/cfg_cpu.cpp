@@ -73,7 +73,22 @@ void accumulate(const at::Tensor& out, const at::Tensor& x0, const std::vector<a
     const T* x = p[1];
     if (L.unit_inner) {
       for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<A>(x[j]);
-      for (int64_t m = 0; m < M; ++m) {
+      // Four gradients per sweep of the accumulator: the same additions in the same order per
+      // element (acc + c0*g0, then + c1*g1, ...), a quarter of the accumulator traffic.
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {
+        const A c0 = c[m * B], c1 = c[(m + 1) * B], c2 = c[(m + 2) * B], c3 = c[(m + 3) * B];
+        const T *g0 = p[2 + m], *g1 = p[3 + m], *g2 = p[4 + m], *g3 = p[5 + m];
+        for (int64_t j = 0; j < n; ++j) {
+          A v = buf[j];
+          v = v + c0 * static_cast<A>(g0[j]);
+          v = v + c1 * static_cast<A>(g1[j]);
+          v = v + c2 * static_cast<A>(g2[j]);
+          v = v + c3 * static_cast<A>(g3[j]);
+          buf[j] = v;
+        }
+      }
+      for (; m < M; ++m) {
         const A cm = c[m * B];
         const T* g = p[2 + m];
         for (int64_t j = 0; j < n; ++j) buf[j] = buf[j] + cm * static_cast<A>(g[j]);
