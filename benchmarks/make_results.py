@@ -7,7 +7,9 @@ Regenerate, from the repository root (the suite's command, then this script):
 
 ``-o PATH`` writes elsewhere (the smoke test does). Everything in RESULTS.md comes from the JSON:
 the command, machine, torch version, date, which backends implemented which ops, the providers
-that ran, every median time, and the measured bandwidth / GEMM rate behind each roofline.
+that ran, every median time, the measured bandwidth / GEMM rate behind each roofline, and the
+check of issue 3's targets (``TARGETS``). The one hand-written part is appended verbatim from
+``benchmarks/ANALYSIS.md`` when it exists: the explanation of missed targets, with profiles.
 """
 
 from __future__ import annotations
@@ -18,6 +20,18 @@ import sys
 from pathlib import Path
 
 KNOWN_OPS = ("cfg_accumulate", "aw step", "iga step", "median_pairwise_distance")
+ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
+
+# Issue 3's targets for the cpu provider: speed-up over the size's baseline (same run), share
+# of the roofline, peak extra memory as a fraction of the baseline's or in bytes.
+TARGETS = [
+    dict(op="cfg_accumulate", size="8M", speedup=2.5, roofline=0.75),
+    dict(op="aw step", size="10M/16", speedup=3.0),
+    dict(op="iga step", size="10M/16", speedup=2.0),
+    dict(op="median_pairwise_distance", size="N4096 d1024", speedup=1.5, mem_fraction=0.25),
+    dict(op="median_pairwise_distance", size="N32768 d3072", mem_bytes=2**30),
+]
+TARGET_PROVIDER = "cpu"
 OP_TITLES = {
     "cfg_accumulate": "cfg_accumulate (SPEC §1), M = 15, fp32 (`bench_cfg.py`)",
     "aw step": "aw step: multi_dot + aw_weights + aw_combine_ (SPEC §4), fp32 (`bench_aw.py`)",
@@ -171,14 +185,58 @@ def _op_section(op: str, benches: list[dict]) -> list[str]:
     return lines
 
 
+def _targets_section(benches: list[dict]) -> list[str]:
+    def find(op, size, provider):
+        return next((b for b in benches if b["extra_info"]["op"] == op
+                     and b["extra_info"]["size"] == size
+                     and b["extra_info"]["provider"] == provider), None)
+
+    lines = ["## Targets of issue 3 (`cpu` provider, checked from this run's numbers)", "",
+             "| op | size | target | measured | met |", "|---|---|---|---|---|"]
+    for t in TARGETS:
+        ours = find(t["op"], t["size"], TARGET_PROVIDER)
+        if ours is None:
+            lines.append(f"| {t['op']} | {t['size']} | - | not in this run | - |")
+            continue
+        e, time_s = ours["extra_info"], ours["stats"]["median"]
+        base = find(t["op"], t["size"], e["baseline"])
+        checks = []  # (target text, measured text, ok)
+        if "speedup" in t:
+            if base is None:
+                checks.append((f">= {t['speedup']}x vs `{e['baseline']}`", "no baseline", False))
+            else:
+                r = base["stats"]["median"] / time_s
+                checks.append((f">= {t['speedup']}x vs `{e['baseline']}`", f"{r:.2f}x",
+                               r >= t["speedup"]))
+        if "roofline" in t:
+            r = e["roofline_s"] / time_s
+            checks.append((f">= {t['roofline']:.0%} of roofline", f"{r:.1%}", r >= t["roofline"]))
+        peak = e.get("peak_extra_bytes")
+        if "mem_fraction" in t:
+            bpeak = base["extra_info"].get("peak_extra_bytes") if base else None
+            ok = peak is not None and bpeak is not None and peak <= t["mem_fraction"] * bpeak
+            got = (f"{fmt_bytes(peak)} vs {fmt_bytes(bpeak)} "
+                   f"({peak / bpeak:.0%})" if peak is not None and bpeak else "n/a")
+            checks.append((f"peak extra <= {t['mem_fraction']:.0%} of the baseline's", got, ok))
+        if "mem_bytes" in t:
+            ok = peak is not None and peak < t["mem_bytes"]
+            checks.append((f"peak extra < {fmt_bytes(t['mem_bytes'])}", fmt_bytes(peak), ok))
+        for want, got, ok in checks:
+            lines.append(f"| {t['op']} | {t['size']} | {want} | {got} | "
+                         f"{'yes' if ok else '**no**'} |")
+    return lines + [""]
+
+
 def render(data: dict, src: str) -> str:
     benches = [b for b in data["benchmarks"] if "op" in b.get("extra_info", {})]
     if not benches:
         raise SystemExit("no nats_kernels benchmark in this JSON (was it run with "
                          "--benchmark-only on the benchmarks/ folder?)")
-    lines = _header(data, src)
+    lines = _header(data, src) + _targets_section(benches)
     for op in _ordered_unique(b["extra_info"]["op"] for b in benches):
         lines += _op_section(op, [b for b in benches if b["extra_info"]["op"] == op])
+    if ANALYSIS.exists():
+        lines += ["", ANALYSIS.read_text().strip()]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -354,12 +354,21 @@ def tiny_g() -> list[tuple]:
     return _linear(8, 64) + _bn(4) + _convt(4, 3, 3)
 
 
+def target_10m() -> list[tuple]:
+    """Issue 3's aw/iga target size, ~10M parameters in 16 tensors: four 512->512 3x3 conv
+    weights, eight 512-vectors (biases / norm scales), a 3->64 3x3 conv with its bias and a
+    8192->1 linear with its bias: 9.45M parameters."""
+    return ([(512, 512, 3, 3)] * 4 + [(512,)] * 8
+            + [(64, 3, 3, 3), (64,), (1, 512 * 4 * 4), (1,)])
+
+
 def gan_families() -> list[tuple[str, list[tuple], list[tuple]]]:
-    """``(label, D shapes, G shapes)`` of the size set."""
+    """``(label, D shapes, G shapes)`` of the size set (the 10M target: the same list as both
+    D and G)."""
     if smoke():
         return [("tiny", tiny_d(), tiny_g())]
     return [("SN-GAN", sngan_d(), sngan_g()), ("DCGAN", dcgan_d(), dcgan_g()),
-            ("BigGAN-128", biggan_d(), biggan_g())]
+            ("10M/16", target_10m(), target_10m()), ("BigGAN-128", biggan_d(), biggan_g())]
 
 
 def numel(shapes: Sequence[tuple]) -> int:
