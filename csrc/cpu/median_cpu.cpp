@@ -315,7 +315,7 @@ typename KeyOf<T>::type radix_select(const Problem<T>& P, int64_t k) {
   return prefix;
 }
 
-// The median of one problem: x (N, d), y (M, d) or none, all finite.
+// The median of one problem: x (N, d), y (M, d) or none; NaN if any coordinate is NaN or Inf.
 template <typename T>
 T median_one(const at::Tensor& x, const c10::optional<at::Tensor>& y, bool squared,
              int64_t memory_budget) {
@@ -330,10 +330,21 @@ T median_one(const at::Tensor& x, const c10::optional<at::Tensor>& y, bool squar
   // Exact power-of-two scaling: |coordinates| < 2^e, clamped so that 2^-e and 2^e are normal.
   at::Tensor a = x.to(work);
   at::Tensor b = P.pairwise ? a : y->to(work);
+  // Largest |coordinate| from one min/max reduction (no |x| temporary); NaN propagates through
+  // it and Inf is infinite, so it also tells whether the problem is finite.
+  auto absmax = [](const at::Tensor& t) -> double {
+    auto mm = at::aminmax(t);
+    const double lo = std::get<0>(mm).template item<double>();
+    const double hi = std::get<1>(mm).template item<double>();
+    if (std::isnan(lo) || std::isnan(hi)) return std::numeric_limits<double>::quiet_NaN();
+    return std::max(-lo, hi);
+  };
   double big = 0.0;
   if (d > 0) {
-    big = a.abs().max().template item<double>();
-    if (!P.pairwise) big = std::max(big, b.abs().max().template item<double>());
+    const double ba = absmax(a);
+    const double bb = P.pairwise ? 0.0 : absmax(b);
+    if (!std::isfinite(ba) || !std::isfinite(bb)) return std::numeric_limits<T>::quiet_NaN();
+    big = std::max(ba, bb);
   }
   int e = 0;
   std::frexp(big, &e);
@@ -421,10 +432,7 @@ at::Tensor median_pairwise_distance_cpu(const at::Tensor& x, const c10::optional
       const at::Tensor xb = x.select(0, bi);
       c10::optional<at::Tensor> yb;
       if (y.has_value()) yb = y->select(0, bi);
-      bool finite = at::isfinite(xb).all().item<bool>();
-      if (finite && yb.has_value()) finite = at::isfinite(*yb).all().item<bool>();
-      r[bi] = finite ? median_one<scalar_t>(xb, yb, squared, memory_budget)
-                     : std::numeric_limits<scalar_t>::quiet_NaN();
+      r[bi] = median_one<scalar_t>(xb, yb, squared, memory_budget);
     }
   });
   return result.to(x.scalar_type());
