@@ -79,8 +79,11 @@ def tensor_list(name: str, seq, *, min_len: int = 1) -> list[torch.Tensor]:
     out = list(seq)
     if len(out) < min_len:
         raise ValueError(f"{name} must hold at least {min_len} tensor(s), got {len(out)}")
-    for i, t in enumerate(out):
-        tensor(f"{name}[{i}]", t)
+    # Fast path without building names (this runs on every call of the list ops); the loop that
+    # raises with the offending position runs only when something is wrong.
+    if not all(isinstance(t, torch.Tensor) and t.dtype in FLOATING for t in out):
+        for i, t in enumerate(out):
+            tensor(f"{name}[{i}]", t)
     return out
 
 
@@ -95,7 +98,11 @@ def paired_lists(
     for n, seq in zip(names[1:], checked[1:]):
         if len(seq) != len(first):
             raise ValueError(f"{n} has {len(seq)} tensors but {names[0]} has {len(first)}")
-    for n, seq in zip(names, checked):
+    shapes = [t.shape for t in first]
+    if all(t.device == device and t.dtype == dtype and t.shape == sh
+           for seq in checked for t, sh in zip(seq, shapes)):
+        return checked, device, dtype
+    for n, seq in zip(names, checked):  # something is wrong: find it and say where
         for i, t in enumerate(seq):
             same_device(device, **{f"{n}[{i}]": t})
             same_dtype(f"{n}[{i}]", t, dtype, f"{names[0]}[0]")
