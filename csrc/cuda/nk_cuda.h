@@ -1,4 +1,4 @@
-// Launchers of the CUDA kernels (SPEC §1, §4, §5) on raw device pointers and a cudaStream_t.
+// Launchers of the CUDA kernels (SPEC §1, §3, §4, §5) on raw device pointers and a cudaStream_t.
 //
 // Plain C++ with no torch include: the .cu files compile with nvcc alone (.ci/nvcc_check), and
 // nats_kernels_cuda.cpp is the only file that knows about at::Tensor. That binding hands the
@@ -112,5 +112,30 @@ cudaError_t combine_lists(DType dtype, void* const* out, const void* const* a,
 cudaError_t iga_ratio(DType dtype, const void* const* gf, const void* const* gF,
                       const int64_t* numel, int64_t P, double eps, double* partials, void* out,
                       cudaStream_t stream);
+
+// ---- SPEC §3: median_pairwise_distance -------------------------------------------------------
+//
+// The exact lower median (rank (n - 1) // 2) of the squared Euclidean distances of the pairs
+// i < j of the rows of x (y null), or of every row of x with every row of y, per batch element;
+// then its square root unless `squared`. x: B * N * d contiguous elements (B problems of N rows),
+// y: B * M * d or null; out: B values; all of `dtype`. Math in float32 (float64 for kDouble);
+// a problem with NaN or Inf in its input gets NaN. Arguments as the op validates them: N >= 2
+// pairwise, N, M >= 1 cross, d >= 0, memory_budget > 0 (it bounds the kept-key buffer; the
+// scaled copies of the inputs come on top, as on the CPU). workspace: median_workspace_bytes(args)
+// bytes on the stream's device, 256-byte aligned, contents irrelevant (the problems run one after
+// the other on `stream` and reuse it). Every data-dependent decision is taken on the device.
+struct MedianArgs {
+  DType dtype;
+  const void* x;
+  const void* y;  // null: pairwise
+  int64_t B, N, M, d;
+  bool squared;
+  int64_t memory_budget;
+  void* out;
+  void* workspace;
+};
+
+int64_t median_workspace_bytes(const MedianArgs& args);
+cudaError_t median_pairwise_distance(const MedianArgs& args, cudaStream_t stream);
 
 }  // namespace nk_cuda
