@@ -2,8 +2,9 @@
 
 Each module here registers its launchers with ``_dispatch.register("triton", op)`` when
 imported: ``cfg`` (cfg_accumulate, cfg_accumulate_list, cfg_step_), ``aw`` (multi_dot,
-aw_weights, aw_combine_), ``iga`` (iga_ratio, iga_correction_). Each launcher has the signature
-and semantics of the reference function it replaces (nats_kernels/reference).
+aw_weights, aw_combine_), ``iga`` (iga_ratio, iga_correction_), ``median``
+(median_pairwise_distance; its design is in that module's docstring). Each launcher has the
+signature and semantics of the reference function it replaces (nats_kernels/reference).
 
 Design
 ------
@@ -42,4 +43,4 @@ compiles every kernel variant the launchers produce down to an sm_90 cubin witho
 nothing here has been run or timed on one.
 """
 
-from . import aw, cfg, iga  # noqa: F401  (register the kernels)
+from . import aw, cfg, iga, median  # noqa: F401  (register the kernels)
