@@ -86,33 +86,52 @@ def test_triton_suites_under_the_interpreter(tmp_path):
     print(f"{ran} triton tests passed under TRITON_INTERPRET=1: {dict(per_module)}")
 
 
-COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
+# A stand-in driver for Triton's JIT: every kernel launched after it compiles for an H100 (sm_90)
+# and launches nothing; the launch names are printed at the end. The op-specific part follows.
+COMPILE_ONLY_DRIVER = """
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
 
-    class CompileOnly:
-        # What JITFunction.run asks of the driver; the target is an H100 (sm_90).
-        def get_current_device(self):
-            return 0
-        def get_current_stream(self, device=None):
-            return 0
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
+class CompileOnly:
+    # What JITFunction.run asks of the driver; the target is an H100 (sm_90).
+    def get_current_device(self):
+        return 0
+    def get_current_stream(self, device=None):
+        return 0
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
 
-    driver.set_active(CompileOnly())
-    compiled = []
-    def getitem(self, grid):
-        def run(*args, **kwargs):
-            kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
-            assert "cubin" in kernel.asm, sorted(kernel.asm)
-            compiled.append(self.fn.__name__)
-        return run
-    JITFunction.__getitem__ = getitem
+driver.set_active(CompileOnly())
+compiled = []
+def getitem(self, grid):
+    def run(*args, **kwargs):
+        kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
+        assert "cubin" in kernel.asm, sorted(kernel.asm)
+        compiled.append(self.fn.__name__)
+    return run
+JITFunction.__getitem__ = getitem
+"""
 
+
+def compile_for_gpu(body: str, tmp_path) -> str:
+    """Run ``body`` (launcher calls on CPU tensors) under the compile-only driver in a fresh
+    process without TRITON_INTERPRET; return its stdout, which lists the compiled kernels."""
+    triton = pytest.importorskip("triton")
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    script = (COMPILE_ONLY_DRIVER + textwrap.dedent(body)
+              + '\nprint(len(compiled), "launches compiled:", sorted(set(compiled)))\n')
+    res = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+        env=_env(TRITON_CACHE_DIR=str(tmp_path / "cache")), timeout=900,
+    )
+    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    return res.stdout
+
+
+OPS_BODY = """
     from nats_kernels.triton import aw, cfg, iga
     from nats_kernels.triton.cfg import MAX_LIST
 
@@ -136,55 +155,18 @@ COMPILE_SCRIPT = textwrap.dedent(
         M = MAX_LIST + 2  # two passes through the scratch
         cfg.cfg_accumulate_list(x, [r(4, 6) for _ in range(M)], torch.randn(M), 0.3, None, x)
         cfg.cfg_step_(x, g[0], torch.tensor(0.5), 1.0, torch.randn(4))
-    print(len(compiled), "launches compiled:", sorted(set(compiled)))
-    """
-)
+"""
 
 
 def test_kernels_compile_for_a_gpu(tmp_path):
-    triton = pytest.importorskip("triton")
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton build has no NVIDIA backend")
-    res = subprocess.run(
-        [sys.executable, "-c", COMPILE_SCRIPT], cwd=ROOT, capture_output=True, text=True,
-        env=_env(TRITON_CACHE_DIR=str(tmp_path / "cache")), timeout=900,
-    )
-    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    out = compile_for_gpu(OPS_BODY, tmp_path)
     kernels = {"_dots_partial_kernel", "_dots_final_kernel", "_combine_kernel",
                "_sigmoid_partial_kernel", "_aw_rule_kernel", "_cfg_stacked_kernel",
                "_cfg_list_kernel"}
-    assert all(k in res.stdout for k in kernels), res.stdout
+    assert all(k in out for k in kernels), out
 
 
-# --------------------------------------------------------------------------------------------
-# Compilation for a GPU (not under the interpreter, which never compiles)
-
-MEDIAN_COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
-
-    class CompileOnly:
-        # What JITFunction.run asks of the driver; the target is an H100 (sm_90).
-        def get_current_device(self):
-            return 0
-        def get_current_stream(self, device=None):
-            return 0
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    driver.set_active(CompileOnly())
-    compiled = []
-    def getitem(self, grid):
-        def run(*args, **kwargs):
-            kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
-            assert "cubin" in kernel.asm, sorted(kernel.asm)
-            compiled.append(self.fn.__name__)
-        return run
-    JITFunction.__getitem__ = getitem
-
+MEDIAN_BODY = """
     from nats_kernels.triton import median as m
 
     # Every variant the launcher produces: pairwise / cross, first pass storing or not, later
@@ -196,21 +178,10 @@ MEDIAN_COMPILE_SCRIPT = textwrap.dedent(
             x = torch.randn(2, 40, d, dtype=dtype)
             y = None if pairwise else torch.randn(2, 30, d, dtype=dtype)
             m.median_pairwise_distance(x, y, budget == 1000, budget)
-    print(len(compiled), "launches compiled:", sorted(set(compiled)))
-    """
-)
+"""
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="the interpreter never compiles; the direct run covers this")
+
 def test_median_kernels_compile_for_a_gpu(tmp_path):
-    triton = pytest.importorskip("triton")
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NATS_KERNELS_BACKEND", "TRITON_INTERPRET")}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    res = subprocess.run([sys.executable, "-c", MEDIAN_COMPILE_SCRIPT], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
+    out = compile_for_gpu(MEDIAN_BODY, tmp_path)
     for k in ("_tile_hist_kernel", "_stored_hist_kernel", "_select_kernel"):
-        assert k in res.stdout, res.stdout
+        assert k in out, out
