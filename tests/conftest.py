@@ -7,9 +7,12 @@ import torch
 # TRITON_INTERPRET=1. On a CPU-only default run they are not collected (rather than skipped):
 # tests/test_triton_interpret.py runs them in a TRITON_INTERPRET=1 subprocess instead.
 TRITON_ONLY_MODULES = ["test_triton.py", "test_triton_median.py"]
+# tests/test_gpu.py (sync debug mode, CUDA graphs, compile on CUDA tensors) needs a real GPU:
+# .ci/gpu_check runs it there.
 collect_ignore = (
-    [] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
-    else TRITON_ONLY_MODULES
+    [] if torch.cuda.is_available()
+    else ["test_gpu.py"] + ([] if os.environ.get("TRITON_INTERPRET") == "1"
+                            else TRITON_ONLY_MODULES)
 )
 
 
