@@ -40,9 +40,9 @@ _cache = nkbench.SizeCache()
 
 def _inputs(shapes) -> dict:
     d_shapes, g_shapes = shapes
-    gen = torch.Generator().manual_seed(0)
+    gen = nkbench.generator(0)
     gf_D = nkbench.randn_list(d_shapes, gen, 1e-2)
-    gF_D = [-0.8 * f + 1e-2 * torch.randn(f.shape, generator=gen) for f in gf_D]
+    gF_D = [-0.8 * f + nkbench.randn(f.shape, gen, 1e-2) for f in gf_D]
     g_G = nkbench.randn_list(g_shapes, gen, 1e-2)
     gf_G = nkbench.randn_list(g_shapes, gen, 1e-2)
     return {"gf_D": gf_D, "gF_D": gF_D, "g_G": g_G, "gf_G": gf_G}
@@ -88,4 +88,4 @@ def test_iga_step(benchmark, use_provider, label, shapes, provider):
         baseline_run=fresh(BASELINE), cache=d, tol=TOL, roof=roof,
         params_D=p_d, params_G=p_g, tensors_D=len(shapes[0]), tensors_G=len(shapes[1]),
         dtype="float32")
-    benchmark(_provider_fn(provider, d, [t.clone() for t in d["g_G"]]))
+    benchmark(nkbench.timed(_provider_fn(provider, d, [t.clone() for t in d["g_G"]])))

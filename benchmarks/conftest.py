@@ -43,11 +43,21 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _gpu_info() -> dict:
+    props = torch.cuda.get_device_properties(nkbench.DEVICE)
+    return {"gpu_name": props.name, "gpu_memory_bytes": props.total_memory,
+            "gpu_multiprocessors": props.multi_processor_count,
+            "torch_cuda_version": torch.version.cuda,
+            "gpu_driver": os.environ.get("NK_GPU_DRIVER", "")}
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     """What RESULTS.md reports about the run besides pytest-benchmark's own machine_info."""
     args = " ".join(str(a) for a in config.invocation_params.args)
     mode = nkbench.size_mode()
     prefix = "" if mode == "full" else f"{nkbench.SIZES_ENV}={mode} "
+    if nkbench.ON_GPU:
+        prefix = f"{nkbench.DEVICE_ENV}=cuda {prefix}"
     skipped = {}
     for name, mod in sys.modules.items():
         if name.startswith("bench_") and hasattr(mod, "skipped"):
@@ -62,6 +72,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_version": torch.__version__,
+        "nk_device": nkbench.DEVICE.type,
+        **(_gpu_info() if nkbench.ON_GPU else {}),
         "torch_threads": torch.get_num_threads(),
         "nats_kernels_version": nk.__version__,
     })

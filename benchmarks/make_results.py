@@ -8,8 +8,9 @@ Regenerate, from the repository root (the suite's command, then this script):
 ``-o PATH`` writes elsewhere (the smoke test does). Everything in RESULTS.md comes from the JSON:
 the command, machine, torch version, date, which backends implemented which ops, the providers
 that ran, every median time, the measured bandwidth / GEMM rate behind each roofline, and the
-check of issue 3's targets (``TARGETS``). The one hand-written part is appended verbatim from
-``benchmarks/ANALYSIS.md`` when it exists: the explanation of missed targets, with profiles.
+check of issue 3's targets (``TARGETS``; for a GPU run, issue 4's ``GPU_TARGETS``). The one
+hand-written part is appended verbatim from ``benchmarks/ANALYSIS.md`` when it exists: the
+explanation of missed targets, with profiles.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ TARGETS = [
     dict(op="median_pairwise_distance", size="N32768 d3072", mem_bytes=2**30),
 ]
 TARGET_PROVIDER = "cpu"
+# Issue 4's GPU targets, for each GPU backend: share of the roofline (the better of the measured
+# add and copy bandwidth) at 100M+ elements, and the N = 50000, d = 3072 median within a factor
+# of the time of one float32 GEMM of the same size, (N, d) @ (d, N), measured in the same run.
+GPU_TARGETS = [
+    dict(op="cfg_accumulate", size="128M", roofline=0.80),
+    dict(op="aw step", size="134M/16", roofline=0.80),
+    dict(op="iga step", size="134M/16", roofline=0.80),
+    dict(op="median_pairwise_distance", size="N50000 d3072", gemm_factor=2.0),
+]
+GPU_TARGET_PROVIDERS = ("triton", "cuda")
 OP_TITLES = {
     "cfg_accumulate": "cfg_accumulate (SPEC §1), M = 15, fp32 (`bench_cfg.py`)",
     "aw step": "aw step: multi_dot + aw_weights + aw_combine_ (SPEC §4), fp32 (`bench_aw.py`)",
@@ -97,10 +108,18 @@ def _header(data: dict, src: str) -> list[str]:
     cpu = mi.get("cpu", {})
     model = mi.get("cpu_model") or cpu.get("brand_raw", "?")
     cores = mi.get("cpu_count") or cpu.get("count", "?")
+    gpu = []
+    if mi.get("nk_device") == "cuda":
+        gpu = [f"- GPU: {mi.get('gpu_name', '?')} "
+               f"({fmt_bytes(mi.get('gpu_memory_bytes'))}, {mi.get('gpu_multiprocessors', '?')} "
+               f"multiprocessors); torch's CUDA {mi.get('torch_cuda_version', '?')}, driver "
+               f"{mi.get('gpu_driver') or '?'}; every input on the GPU, each timed call "
+               "synchronized"]
     lines = [
         f"- Source: `{src}`",
         f"- Command of this run: `{mi.get('nk_command', '?')}`",
         f"- Date: {data.get('datetime', '?')}",
+        *gpu,
         f"- Machine: {model}, {cores} cores ({mi.get('system', '?')} {mi.get('release', '')}, "
         f"node `{mi.get('node', '?')}`); torch {mi.get('torch_version', '?')} with "
         f"{mi.get('torch_threads', '?')} threads; Python {mi.get('python_version', '?')}; "
@@ -192,18 +211,22 @@ def _op_section(op: str, benches: list[dict]) -> list[str]:
     return lines
 
 
-def _targets_section(benches: list[dict]) -> list[str]:
+def target_rows(benches: list[dict], device: str = "cpu") -> list[dict]:
+    """The targets of ``device`` checked from a run's benchmarks: one row per check, with
+    ``op``, ``size``, ``provider``, ``want``, ``got`` and ``ok`` (None: not in this run)."""
     def find(op, size, provider):
         return next((b for b in benches if b["extra_info"]["op"] == op
                      and b["extra_info"]["size"] == size
                      and b["extra_info"]["provider"] == provider), None)
 
-    lines = ["## Targets of issue 3 (`cpu` provider, checked from this run's numbers)", "",
-             "| op | size | target | measured | met |", "|---|---|---|---|---|"]
-    for t in TARGETS:
-        ours = find(t["op"], t["size"], TARGET_PROVIDER)
+    targets = [(t, p) for t in GPU_TARGETS for p in GPU_TARGET_PROVIDERS] if device == "cuda" \
+        else [(t, TARGET_PROVIDER) for t in TARGETS]
+    rows = []
+    for t, provider in targets:
+        row = dict(op=t["op"], size=t["size"], provider=provider)
+        ours = find(t["op"], t["size"], provider)
         if ours is None:
-            lines.append(f"| {t['op']} | {t['size']} | - | not in this run | - |")
+            rows.append(dict(row, want="-", got="not in this run", ok=None))
             continue
         e, time_s = ours["extra_info"], ours["stats"]["median"]
         base = find(t["op"], t["size"], e["baseline"])
@@ -218,6 +241,12 @@ def _targets_section(benches: list[dict]) -> list[str]:
         if "roofline" in t:
             r = e["roofline_s"] / time_s
             checks.append((f">= {t['roofline']:.0%} of roofline", f"{r:.1%}", r >= t["roofline"]))
+        if "gemm_factor" in t:
+            gemm = e.get("gemm_same_size_s")
+            ok = gemm is not None and time_s <= t["gemm_factor"] * gemm
+            got = (f"{fmt_time(time_s)} vs GEMM {fmt_time(gemm)} ({time_s / gemm:.2f}x)"
+                   if gemm else "no GEMM timing")
+            checks.append((f"<= {t['gemm_factor']}x one fp32 GEMM of the same size", got, ok))
         peak = e.get("peak_extra_bytes")
         if "mem_fraction" in t:
             bpeak = base["extra_info"].get("peak_extra_bytes") if base else None
@@ -228,9 +257,19 @@ def _targets_section(benches: list[dict]) -> list[str]:
         if "mem_bytes" in t:
             ok = peak is not None and peak < t["mem_bytes"]
             checks.append((f"peak extra < {fmt_bytes(t['mem_bytes'])}", fmt_bytes(peak), ok))
-        for want, got, ok in checks:
-            lines.append(f"| {t['op']} | {t['size']} | {want} | {got} | "
-                         f"{'yes' if ok else '**no**'} |")
+        rows += [dict(row, want=want, got=got, ok=ok) for want, got, ok in checks]
+    return rows
+
+
+def _targets_section(benches: list[dict], device: str) -> list[str]:
+    title = ("Targets of issue 4 (`triton` and `cuda` providers" if device == "cuda"
+             else "Targets of issue 3 (`cpu` provider")
+    lines = [f"## {title}, checked from this run's numbers)", "",
+             "| op | size | provider | target | measured | met |", "|---|---|---|---|---|---|"]
+    for r in target_rows(benches, device):
+        met = "-" if r["ok"] is None else ("yes" if r["ok"] else "**no**")
+        lines.append(f"| {r['op']} | {r['size']} | `{r['provider']}` | {r['want']} | {r['got']} "
+                     f"| {met} |")
     return lines + [""]
 
 
@@ -243,7 +282,8 @@ def render(runs: list[tuple[dict, str]]) -> str:
             raise SystemExit(f"no nats_kernels benchmark in {src} (was it run with "
                              "--benchmark-only on the benchmarks/ folder?)")
         part = [f"# Run {number} of {len(runs)}: `{src}`", ""] if len(runs) > 1 else []
-        lines += part + _header(data, src) + _targets_section(benches)
+        device = data.get("machine_info", {}).get("nk_device", "cpu")
+        lines += part + _header(data, src) + _targets_section(benches, device)
         for op in _ordered_unique(b["extra_info"]["op"] for b in benches):
             lines += _op_section(op, [b for b in benches if b["extra_info"]["op"] == op])
     if ANALYSIS.exists():

@@ -3,9 +3,15 @@
 - Size sets: ``NK_BENCH_SIZES=full`` (default: the issue's realistic sizes, minus the few
   median-distance combinations listed in ``bench_median.SKIP_IN_FULL``), ``all`` (the whole grid)
   or ``smoke`` (tiny sizes: the whole suite runs in seconds; ``tests/test_benchmarks_smoke.py``).
-- Providers: ``reference`` and ``cpu`` are nats_kernels' backends, forced through the public op
-  with ``NATS_KERNELS_BACKEND`` (the variable is read on every call, so the timed path is exactly
-  the user's: validation, custom-op dispatch, kernel). ``cpu`` is parametrized only when the
+- Device: ``NK_BENCH_DEVICE=cpu`` (default) or ``cuda``: every input, baseline and roofline
+  lives on that device. On ``cuda`` each timed call ends with ``torch.cuda.synchronize()``
+  (:func:`timed`), the kernel providers are ``reference``, ``triton`` and ``cuda``, peak memory
+  is the CUDA allocator's high-water mark, and the size sets add the GPU targets (100M+
+  elements, the N = 50000 median). ``.ci/gpu_check`` runs the suite so.
+- Providers: ``reference`` and ``cpu`` (``triton``, ``cuda`` on a GPU) are nats_kernels'
+  backends, forced through the public op with ``NATS_KERNELS_BACKEND`` (the variable is read
+  on every call, so the timed path is exactly the user's: validation, custom-op dispatch,
+  kernel). ``cpu`` is parametrized only when the
   built extension implements every op of the benchmark; when it implements some of them,
   ``auto`` (the dispatcher's own mix of cpu and reference kernels) runs instead. The other
   providers are plain-PyTorch baselines written in each ``bench_*.py``.
@@ -50,14 +56,65 @@ def smoke() -> bool:
     return size_mode() == "smoke"
 
 
+DEVICE_ENV = "NK_BENCH_DEVICE"
+
+
+def _device() -> torch.device:
+    name = os.environ.get(DEVICE_ENV, "cpu").strip().lower() or "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV}={name!r} is not one of cpu, cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{DEVICE_ENV}=cuda but torch sees no CUDA device")
+    return torch.device(name)
+
+
+DEVICE = _device()
+ON_GPU = DEVICE.type == "cuda"
+
+
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on the benchmark device (inputs are drawn where they live)."""
+    return torch.Generator(DEVICE).manual_seed(seed)
+
+
+def randn(shape, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, device=DEVICE) * scale
+
+
+def uniform(shape, gen: torch.Generator) -> torch.Tensor:
+    return torch.empty(shape, device=DEVICE).uniform_(-1, 1, generator=gen)
+
+
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` as the benchmark times it: on a GPU, until its kernels have finished."""
+    if not ON_GPU:
+        return fn
+
+    def run():
+        result = fn()
+        torch.cuda.synchronize()
+        return result
+
+    return run
+
+
 # ------------------------------------------------------------------------------------ providers
 
 
 def kernel_providers(ops: Sequence[str]) -> list[str]:
     """``reference``, plus ``cpu`` when the C++ backend implements all of ``ops`` here, or
-    ``auto`` (cpu where it has a kernel, reference elsewhere) when it implements some."""
+    ``auto`` (cpu where it has a kernel, reference elsewhere) when it implements some. On a GPU:
+    ``reference`` and each of ``triton`` / ``cuda`` that is available with all of ``ops``."""
     info = nk.backends()
     out = ["reference"]
+    if ON_GPU:
+        return out + [b for b in ("triton", "cuda")
+                      if info[b]["available"] and all(op in info[b]["ops"] for op in ops)]
     cpu = info["cpu"]
     have = [op for op in ops if op in cpu["ops"]]
     if cpu["available"] and len(have) == len(ops):
@@ -69,7 +126,7 @@ def kernel_providers(ops: Sequence[str]) -> list[str]:
 
 def use_backend(monkeypatch, provider: str) -> None:
     """Route the public ops to ``provider``'s kernels (no-op for plain-PyTorch providers)."""
-    if provider in ("reference", "cpu", "auto"):
+    if provider in ("reference", "cpu", "auto", "triton", "cuda"):
         monkeypatch.setenv(BACKEND_ENV, provider)
     else:
         monkeypatch.delenv(BACKEND_ENV, raising=False)
@@ -104,6 +161,7 @@ class SizeCache:
 
 
 def _best(fn: Callable[[], object], min_reps: int = 5, budget_s: float = 0.5) -> float:
+    fn = timed(fn)
     fn()
     best, spent, reps = float("inf"), 0.0, 0
     while reps < min_reps or (spent < budget_s and reps < 200):
@@ -123,11 +181,12 @@ def bandwidth(nbytes: int) -> dict:
     if nbytes not in _bw_cache:
         budget = 0.05 if smoke() else 1.0
         n3 = max(nbytes // 12, 1024)
-        a, b, c = torch.rand(n3), torch.rand(n3), torch.zeros(n3)
+        a, b, c = (torch.rand(n3, device=DEVICE), torch.rand(n3, device=DEVICE),
+                   torch.zeros(n3, device=DEVICE))
         add = 12 * n3 / _best(lambda: torch.add(a, b, out=c), 10, budget) / 1e9
         del a, b, c
         n2 = max(nbytes // 8, 1024)
-        a, c = torch.rand(n2), torch.zeros(n2)
+        a, c = torch.rand(n2, device=DEVICE), torch.zeros(n2, device=DEVICE)
         copy = 8 * n2 / _best(lambda: c.copy_(a), 10, budget) / 1e9
         del a, c
         _bw_cache[nbytes] = {"bw_add_GBps": add, "bw_copy_GBps": copy, "bw_GBps": max(add, copy)}
@@ -135,11 +194,12 @@ def bandwidth(nbytes: int) -> dict:
 
 
 def gemm_rate(m: int, k: int, n: int) -> float:
-    """Measured GFLOP/s of a float32 ``(m, k) @ (k, n)`` ``torch.mm``."""
+    """Measured GFLOP/s of a float32 ``(m, k) @ (k, n)`` ``torch.mm`` (on a GPU in full float32:
+    TF32 is off, as in the median's IEEE tiles)."""
     key = (m, k, n)
     if key not in _gemm_cache:
-        a, b = torch.rand(m, k), torch.rand(k, n)
-        out = torch.empty(m, n)
+        a, b = torch.rand(m, k, device=DEVICE), torch.rand(k, n, device=DEVICE)
+        out = torch.empty(m, n, device=DEVICE)
         t = _best(lambda: torch.mm(a, b, out=out), min_reps=3,
                   budget_s=0.05 if smoke() else 0.5)
         _gemm_cache[key] = 2 * m * k * n / t / 1e9
@@ -206,8 +266,16 @@ def with_peak_memory(fn: Callable[[], object]) -> tuple[object, int | None]:
     memory freed by earlier calls and kept by malloc is counted again when reused), resets the
     process's high-water mark (``/proc/self/clear_refs``, value 5), runs ``fn`` and reads
     ``VmHWM - VmRSS(before)``. Counts the pages the call touches, so buffers it allocates but
-    never writes are not seen. None where this is not available."""
+    never writes are not seen. None where this is not available. On a GPU: the CUDA caching
+    allocator's peak over what was allocated before the call."""
     gc.collect()
+    if ON_GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - before
     _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -362,13 +430,22 @@ def target_10m() -> list[tuple]:
             + [(64, 3, 3, 3), (64,), (1, 512 * 4 * 4), (1,)])
 
 
+def target_134m() -> list[tuple]:
+    """Issue 4's GPU target size (100M+ elements), 134.2M parameters in 16 tensors: eight
+    4096 x 4096 weights and eight 4096-vectors."""
+    return [(4096, 4096)] * 8 + [(4096,)] * 8
+
+
 def gan_families() -> list[tuple[str, list[tuple], list[tuple]]]:
-    """``(label, D shapes, G shapes)`` of the size set (the 10M target: the same list as both
-    D and G)."""
+    """``(label, D shapes, G shapes)`` of the size set (the 10M and 134M targets: the same list
+    as both D and G; 134M on a GPU only)."""
     if smoke():
         return [("tiny", tiny_d(), tiny_g())]
-    return [("SN-GAN", sngan_d(), sngan_g()), ("DCGAN", dcgan_d(), dcgan_g()),
-            ("10M/16", target_10m(), target_10m()), ("BigGAN-128", biggan_d(), biggan_g())]
+    families = [("SN-GAN", sngan_d(), sngan_g()), ("DCGAN", dcgan_d(), dcgan_g()),
+                ("10M/16", target_10m(), target_10m()), ("BigGAN-128", biggan_d(), biggan_g())]
+    if ON_GPU:
+        families.append(("134M/16", target_134m(), target_134m()))
+    return families
 
 
 def numel(shapes: Sequence[tuple]) -> int:
@@ -382,4 +459,4 @@ def numel(shapes: Sequence[tuple]) -> int:
 
 
 def randn_list(shapes: Sequence[tuple], gen: torch.Generator, scale: float = 1.0) -> list:
-    return [torch.randn(s, generator=gen) * scale for s in shapes]
+    return [randn(s, gen, scale) for s in shapes]
