@@ -21,6 +21,19 @@ def _register_ext(backend: str, dispatch_key: str) -> None:
             _dispatch.register(backend, op)(getattr(torch.ops.nats_kernels_ext, op))
 
 
+def _unbuilt_checkout_hint(here: str = os.path.dirname(os.path.abspath(__file__))) -> str:
+    """A hint when this package was imported from a source checkout that holds no build: the
+    usual cause is running Python in the checkout after a non-editable ``pip install .``, whose
+    current-directory entry on ``sys.path`` shadows the installed copy."""
+    if not os.path.exists(os.path.join(os.path.dirname(here), "setup.py")):
+        return ""
+    if any(name.startswith("_C.") for name in os.listdir(here)):
+        return ""
+    return (f"; this is the source checkout {here}, which holds no build: run Python from "
+            "another folder to use an installed copy, or build here with "
+            "`pip install --no-build-isolation -e .`")
+
+
 def _load_cpu() -> None:
     try:
         importlib.import_module("nats_kernels._C")
@@ -28,6 +41,7 @@ def _load_cpu() -> None:
         _dispatch.mark_unavailable(
             "cpu", f"C++ extension not built or not loadable ({e}); reinstall with "
             "`pip install --no-build-isolation -e .` without NATS_KERNELS_SKIP_EXT"
+            + _unbuilt_checkout_hint()
         )
         return
     _register_ext("cpu", "CPU")

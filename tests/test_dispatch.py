@@ -214,3 +214,18 @@ def test_compile_fullgraph_cfg():
     eta = torch.tensor(0.5)
     compiled = torch.compile(step, fullgraph=True)
     torch.testing.assert_close(compiled(x0, grads, w, eta), step(x0, grads, w, eta))
+
+
+def test_unbuilt_checkout_is_named_in_the_cpu_reason(tmp_path):
+    """Running Python inside a checkout after a non-editable install imports the unbuilt
+    source; the backend's reason says so instead of only 'not built'."""
+    from nats_kernels._load import _unbuilt_checkout_hint
+
+    pkg = tmp_path / "nats_kernels"
+    pkg.mkdir()
+    assert _unbuilt_checkout_hint(str(pkg)) == ""  # not a checkout: no setup.py beside it
+    (tmp_path / "setup.py").write_text("")
+    hint = _unbuilt_checkout_hint(str(pkg))
+    assert f"source checkout {pkg}" in hint and "another folder" in hint
+    (pkg / "_C.cpython-311-x86_64-linux-gnu.so").write_text("")
+    assert _unbuilt_checkout_hint(str(pkg)) == ""  # built in place (editable): no hint
