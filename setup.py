@@ -25,8 +25,8 @@ Switches (environment variables read at build time):
     The CUDA toolkit to build with. Default: the toolkit of the ``nvcc`` on ``PATH`` (asked from
     nvcc itself, so a wrapper script on ``PATH`` works), else ``/usr/local/cuda``.
 ``TORCH_CUDA_ARCH_LIST``
-    GPU architectures to compile for, e.g. ``"8.0;9.0"`` (default: torch's choice: the visible
-    GPUs, or every architecture torch's CUDA supports when none is visible).
+    GPU architectures to compile for, e.g. ``"8.0;9.0"`` (default: the visible GPUs', or, with
+    none visible, the architectures torch itself was built for).
 ``MAX_JOBS``
     Parallel compile jobs used by ninja.
 """
@@ -146,6 +146,16 @@ def _cuda_extension_wanted(torch) -> bool:
         _say("no GPU visible: not building the CUDA extension "
              "(NATS_KERNELS_FORCE_CUDA=1 forces it)")
         return False
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # cpp_extension derives the architectures from the visible GPUs, and with none it fails
+        # (an IndexError deep inside it): use the ones torch itself was built for.
+        archs = [a[3:] for a in torch.cuda.get_arch_list() if a.startswith("sm_")]
+        if not archs:
+            raise RuntimeError("NATS_KERNELS_FORCE_CUDA=1 without a visible GPU needs "
+                               "TORCH_CUDA_ARCH_LIST, e.g. \"8.0;9.0\"")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a[:-1]}.{a[-1]}" for a in archs)
+        _say(f"no GPU visible and no TORCH_CUDA_ARCH_LIST: compiling for torch's own "
+             f"architectures {os.environ['TORCH_CUDA_ARCH_LIST']}")
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported: point it at the toolkit
     # found above, whose nvcc and headers belong together.
     os.environ["CUDA_HOME"] = root
