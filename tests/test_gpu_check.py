@@ -70,6 +70,14 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 """
 
 
+def summary(outdir: Path, *args: str) -> str:
+    """Run .ci/gpu_summary.py on ``outdir``; return the SUMMARY.md it wrote."""
+    res = subprocess.run([sys.executable, str(ROOT / ".ci" / "gpu_summary.py"), str(outdir),
+                          *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return (outdir / "SUMMARY.md").read_text()
+
+
 def _bench(op, size, provider, median, baseline, **extra):
     return {"stats": {"median": median, "iqr": 0.0, "rounds": 3},
             "extra_info": {"op": op, "size": size, "provider": provider,
@@ -89,11 +97,7 @@ def test_summary_counts_tests_and_checks_the_gpu_targets(tmp_path):
                roofline_s=0.1, gemm_same_size_s=1.0),
     ]
     (tmp_path / "bench-gpu.json").write_text(json.dumps({"benchmarks": benches}))
-    res = subprocess.run([sys.executable, str(ROOT / ".ci" / "gpu_summary.py"), str(tmp_path),
-                          "--build", "0", "70", "--tests", "1", "150", "--bench", "124", "140"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    page = (tmp_path / "SUMMARY.md").read_text()
+    page = summary(tmp_path, "--build", "0", "70", "--tests", "1", "150", "--bench", "124", "140")
     assert "5 tests: 2 passed, 1 failed, 1 errors, 1 skipped." in page
     assert "tests.test_gpu::test_b[cuda-cuda]" in page and "test_c[cuda-cuda]" in page
     assert "| build (both extensions, in place) | ok | 70 s |" in page
@@ -109,11 +113,7 @@ def test_summary_counts_tests_and_checks_the_gpu_targets(tmp_path):
 
 
 def test_summary_without_reports(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / ".ci" / "gpu_summary.py"), str(tmp_path),
-                          "--build", "1", "30", "--tests", "-1", "0", "--bench", "-1", "0"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    page = (tmp_path / "SUMMARY.md").read_text()
+    page = summary(tmp_path, "--build", "1", "30", "--tests", "-1", "0", "--bench", "-1", "0")
     assert "| build (both extensions, in place) | **failed** (exit 1) | 30 s |" in page
     assert "| tests on CUDA tensors | did not run (the build failed) | 0 s |" in page
     assert "No JUnit report" in page and "No benchmark JSON" in page
