@@ -85,11 +85,6 @@ def uniform(shape, gen: torch.Generator) -> torch.Tensor:
     return torch.empty(shape, device=DEVICE).uniform_(-1, 1, generator=gen)
 
 
-def sync() -> None:
-    if ON_GPU:
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` as the benchmark times it: on a GPU, until its kernels have finished."""
     if not ON_GPU:
