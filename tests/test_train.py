@@ -199,3 +199,172 @@ def test_train_command_rejects_bad_settings_before_training(tmp_path, argv, mess
     assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
     assert "[1/" not in res.stdout + res.stderr  # no run started
     assert not (tmp_path / "results.json").exists()
+
+
+# ---- nothing silently wrong: every setting (device and --out included) is checked before any
+# ---- training and before --out is created; finished runs survive a later run's failure
+
+FAST = ["--steps", "2", "--batch", "16", "--eval-samples", "16", "--no-progress"]
+
+
+def _train(argv):
+    from nats_kernels.__main__ import main
+
+    return main(["train", *argv])
+
+
+def _no_training(monkeypatch):
+    import nats_kernels.train.cli as cli
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(cli, "run", must_not_run)
+
+
+def _one_error_line(capsys, option):
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("nats-kernels train: error: ") and option in lines[0], lines[0]
+    assert "[1/" not in out + err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["--device", "foo"], "--device"),
+    (["--device", "meta"], "--device"),
+    (["--lr-d", "-1"], "--lr-d"),
+    (["--lr-g", "nan"], "--lr-g"),
+    (["--lr-d", "inf"], "--lr-d"),
+    (["--steps", "0"], "--steps"),
+    (["--batch", "0"], "--batch"),
+    (["--n-d", "0"], "--n-d"),
+    (["--eval-samples", "0"], "--eval-samples"),
+    (["--seed", "0", str(2**64)], "--seed"),
+    # the first run would finish (annealed-cfg does not use lr_D), the second would fail
+    (["--scheme", "annealed-cfg", "cts", "--lr-d", "-1"], "--lr-d"),
+])
+def test_train_bad_option_exits_2_before_creating_out(tmp_path, monkeypatch, capsys, argv,
+                                                      option):
+    _no_training(monkeypatch)
+    out = tmp_path / "out"
+    assert _train([*FAST, "--scheme", "cts", *argv, "--out", str(out)]) == 2
+    _one_error_line(capsys, option)
+    assert not out.exists()
+
+
+def test_train_device_without_gpu_exits_2(tmp_path, monkeypatch, capsys):
+    _no_training(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    for device in ("cuda", "cuda:0"):
+        assert _train([*FAST, "--device", device, "--out", str(out)]) == 2
+        assert "is not available" in _one_error_line(capsys, "--device")
+    # a GPU is there, but not that one
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _train([*FAST, "--device", "cuda:1", "--out", str(out)]) == 2
+    _one_error_line(capsys, "--device")
+    assert not out.exists()
+
+
+def test_train_unusable_out_exits_2(tmp_path, monkeypatch, capsys):
+    _no_training(monkeypatch)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    bad = [a_file, a_file / "sub"]
+    if sys.platform.startswith("linux"):
+        bad.append("/proc/nats-kernels-test")  # cannot be created, even by root
+    for out in bad:
+        assert _train([*FAST, "--out", str(out)]) == 2
+        _one_error_line(capsys, "--out")
+    assert a_file.read_text() == "keep me"
+
+
+def _fail_on_run(monkeypatch, n, exc):
+    """The runner's ``run``, raising ``exc`` on its n-th call, after a step of training."""
+    import nats_kernels.train.cli as cli
+
+    calls = []
+
+    def flaky(cfg, progress=None):
+        calls.append(cfg)
+        if len(calls) == n:
+            raise exc
+        return run(cfg, progress)
+
+    monkeypatch.setattr(cli, "run", flaky)
+    return calls
+
+
+def test_train_keeps_finished_runs_when_a_later_run_fails(tmp_path, monkeypatch, capsys):
+    _fail_on_run(monkeypatch, 2, RuntimeError("boom"))
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        _train([*FAST, "--scheme", "cts", "nats", "cts+aw", "--out", str(out)])
+    records = json.loads((out / "results.json").read_text())
+    assert [r["scheme"] for r in records] == ["cts"]
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "samples.png"]
+    assert "1 finished run" in capsys.readouterr().err
+
+
+def test_train_ctrl_c_keeps_finished_runs_and_exits_130(tmp_path, monkeypatch, capsys):
+    _fail_on_run(monkeypatch, 3, KeyboardInterrupt())
+    out = tmp_path / "out"
+    try:
+        rc = _train([*FAST, "--scheme", "cts", "nats", "cts+aw", "--out", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C escaped the command")
+    assert rc == 130
+    records = json.loads((out / "results.json").read_text())
+    assert [r["scheme"] for r in records] == ["cts", "nats"]
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0] and "2 finished runs" in err[0], err
+
+
+def test_train_results_json_is_replaced_atomically(tmp_path, monkeypatch):
+    """A write that fails midway (disk full, Ctrl-C) leaves the previous results.json whole."""
+    import nats_kernels.train.cli as cli
+
+    real_dump, real_dumps = json.dump, json.dumps
+
+    def half_dump(obj, fp, **kwargs):
+        if len(obj) == 2:
+            fp.write(real_dumps(obj, **kwargs)[:20])
+            raise OSError(28, "No space left on device")
+        return real_dump(obj, fp, **kwargs)
+
+    def half_dumps(obj, **kwargs):
+        if len(obj) == 2:
+            raise OSError(28, "No space left on device")
+        return real_dumps(obj, **kwargs)
+
+    monkeypatch.setattr(cli.json, "dump", half_dump)
+    monkeypatch.setattr(cli.json, "dumps", half_dumps)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space"):
+        _train([*FAST, "--scheme", "cts", "nats", "--out", str(out)])
+    monkeypatch.undo()
+    records = json.loads((out / "results.json").read_text())
+    assert [r["scheme"] for r in records] == ["cts"]
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "samples.png"]  # no temp
+
+
+@pytest.mark.parametrize("change,name", [
+    (dict(lr_d=-1.0), "lr_d"), (dict(lr_g=float("nan")), "lr_g"), (dict(cfg_lr=-1e-3), "cfg_lr"),
+    (dict(device="foo"), "device"), (dict(seed=2**64), "seed"), (dict(betas=(0.9, 1.0)), "betas"),
+    (dict(w_last=0.0), "w_last"), (dict(cfg_eta=float("inf")), "cfg_eta"),
+    (dict(steps=2.5), "steps"),
+])
+def test_run_checks_every_setting_before_training(monkeypatch, change, name):
+    import nats_kernels.train.runner as runner
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(runner, "mlp", must_not_build)
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        run(RunConfig(**{**TINY, **change}))

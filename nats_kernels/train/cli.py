@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,6 +58,41 @@ def _table(runs: list[dict]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+#: the RunConfig settings this command sets, by the option that sets them (for error messages)
+OPTIONS = {"dataset": "--dataset", "loss": "--loss", "scheme": "--scheme", "seed": "--seed",
+           "steps": "--steps", "device": "--device", "n_d": "--n-d", "batch": "--batch",
+           "lr_d": "--lr-d", "lr_g": "--lr-g", "eval_samples": "--eval-samples"}
+
+
+def _option_error(message: str) -> str:
+    """check_config's 'n_d: expected >= 1, got 0' -> '--n-d: expected >= 1, got 0'."""
+    name, sep, rest = message.partition(":")
+    return f"{OPTIONS[name]}:{rest}" if sep and name in OPTIONS else message
+
+
+def check_out(out: Path) -> None:
+    """Creates ``out`` (and its parents) and checks that files can be written there, or raises
+    a ``ValueError`` naming --out: before any training, so that no run is lost to it."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out: {out} exists and is not a folder")
+        for name in ("results.json", "samples.png"):
+            if (out / name).is_dir():
+                raise ValueError(f"--out: {out / name} is a folder; this command writes a file "
+                                 f"there")
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".nats-kernels-write-check-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out: cannot create or write to the folder {out} "
+                         f"({e.strerror or e})") from None
+
+
+def _runs(n: int) -> str:
+    return f"{n} finished run{'' if n == 1 else 's'}"
+
+
 def main(args: argparse.Namespace) -> int:
     base = RunConfig(steps=args.steps, device=args.device, n_d=args.n_d, batch=args.batch,
                      eval_samples=args.eval_samples, lr_d=args.lr_d, lr_g=args.lr_g)
@@ -62,30 +100,75 @@ def main(args: argparse.Namespace) -> int:
                for ds in args.dataset for lo in args.loss for sc in args.scheme for se in args.seed]
     try:
         for cfg in configs:
-            check_config(cfg)  # a typo or a bad combination fails before any training
+            check_config(cfg)  # a typo, a bad number or device fails before any training
+        check_out(args.out)
     except ValueError as e:
-        print(f"nats-kernels train: error: {e}", file=sys.stderr)
+        print(f"nats-kernels train: error: {_option_error(str(e))}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for i, cfg in enumerate(configs, 1):
-        label = f"[{i}/{len(configs)}] {cfg.dataset} {cfg.loss} {cfg.scheme} seed {cfg.seed}"
-        if args.no_progress:
-            print(label, flush=True)
-            runs.append(run(cfg))
-        else:
-            from tqdm import tqdm
 
-            with tqdm(total=cfg.steps, desc=label, unit="D-step", file=sys.stderr,
-                      dynamic_ncols=True) as bar:
-                runs.append(run(cfg, progress=bar.update))
-    records = [{k: v for k, v in r.items() if k != "samples"} for r in runs]
-    (args.out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
-    from .plot import plot_runs
+    from .plot import plot_runs, replaced_atomically
 
-    figure = plot_runs(runs, args.out / "samples.png")
-    print(_table(runs))
-    print(f"\nwrote {args.out / 'results.json'} and {figure}")
+    results, figure = args.out / "results.json", args.out / "samples.png"
+    saved: list[dict] = []  # the runs in results.json (with their samples, for the figure)
+    drawn = {"runs": 0, "seconds": 0.0, "at": 0.0}  # the figure on disk: how many, draw time
+
+    def draw(always: bool) -> None:
+        # redrawn after every finished run while a draw costs under a tenth of the time since
+        # the last one (so at most ~10% of the wall time), and whenever the command ends
+        if drawn["runs"] == len(saved):
+            return
+        if not always and drawn["runs"] and \
+                time.perf_counter() - drawn["at"] < 10 * drawn["seconds"]:
+            return
+        start = time.perf_counter()
+        plot_runs(saved, figure)
+        drawn.update(runs=len(saved), at=time.perf_counter())
+        drawn["seconds"] = drawn["at"] - start
+
+    def draw_what_finished() -> str:
+        try:
+            draw(always=True)
+        except Exception as e:  # the error being reported matters more
+            return f"; {figure} could not be drawn ({type(e).__name__}: {e})"
+        return ""
+
+    def kept() -> str:
+        if not saved:
+            return "no run finished, nothing was written"
+        return f"{_runs(len(saved))} kept in {results} and {figure}"
+
+    label = ""
+    try:
+        for i, cfg in enumerate(configs, 1):
+            label = f"[{i}/{len(configs)}] {cfg.dataset} {cfg.loss} {cfg.scheme} seed {cfg.seed}"
+            if args.no_progress:
+                print(label, flush=True)
+                record = run(cfg)
+            else:
+                from tqdm import tqdm
+
+                with tqdm(total=cfg.steps, desc=label, unit="D-step", file=sys.stderr,
+                          dynamic_ncols=True) as bar:
+                    record = run(cfg, progress=bar.update)
+            # every finished run goes to disk at once, whole: a later failure cannot lose it
+            with replaced_atomically(results) as tmp, open(tmp, "w") as f:
+                json.dump([{k: v for k, v in r.items() if k != "samples"}
+                           for r in [*saved, record]], f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            saved.append(record)
+            draw(always=False)
+        draw(always=True)
+    except KeyboardInterrupt:
+        note = draw_what_finished()
+        print(f"nats-kernels train: interrupted during {label}; {kept()}{note}", file=sys.stderr)
+        return 130
+    except BaseException:
+        note = draw_what_finished()
+        print(f"nats-kernels train: failed during {label} (traceback below); {kept()}{note}",
+              file=sys.stderr)
+        raise
+    print(_table(saved))
+    print(f"\nwrote {results} and {figure}")
     return 0
-
-

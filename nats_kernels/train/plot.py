@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .data import get_dataset
 
 
+@contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path`` to write; when the block finishes, the temporary
+    file replaces ``path`` in one step (``os.replace``), so ``path`` always holds either its old
+    or its new whole content. When the block raises, the temporary file is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def plot_runs(runs: list[dict], path: Path) -> Path:
+    """One panel per run, written to ``path`` (PNG) atomically: an interrupted draw leaves the
+    previous figure whole."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -18,32 +38,35 @@ def plot_runs(runs: list[dict], path: Path) -> Path:
     cols = min(n, 4)
     rows = math.ceil(n / cols)
     fig = plt.figure(figsize=(3.2 * cols, 3.4 * rows))
-    for i, run in enumerate(runs):
-        mixture = get_dataset(run["dataset"])
-        centres = mixture.centres.numpy()
-        samples = run["samples"].numpy()
-        title = (f"{run['dataset']} {run['loss']} {run['scheme']} s{run['seed']}\n"
-                 f"modes {run['modes']}/{run['n_modes']}  hq {run['hq']:.0f}%")
-        if mixture.dim == 3:
-            ax = fig.add_subplot(rows, cols, i + 1, projection="3d")
-            ax.scatter(*samples.T, s=2, alpha=0.5, color="tab:blue")
-            ax.scatter(*centres.T, s=25, marker="x", color="tab:red")
-        else:
-            ax = fig.add_subplot(rows, cols, i + 1)
-            ax.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.5, color="tab:blue",
-                       label="generated")
-            ax.scatter(centres[:, 0], centres[:, 1], s=25, marker="x", color="tab:red",
-                       label="true modes")
-            for cx, cy in centres:  # the 3-std disc a point must fall into to count
-                ax.add_patch(plt.Circle((cx, cy), 3 * mixture.std, fill=False, lw=0.6,
-                                        color="tab:red"))
-            lim = float(abs(centres).max()) * 1.5
-            ax.set_xlim(-lim, lim)
-            ax.set_ylim(-lim, lim)
-            ax.set_aspect("equal")
-        ax.set_title(title, fontsize=8)
-        ax.tick_params(labelsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        for i, run in enumerate(runs):
+            mixture = get_dataset(run["dataset"])
+            centres = mixture.centres.numpy()
+            samples = run["samples"].numpy()
+            title = (f"{run['dataset']} {run['loss']} {run['scheme']} s{run['seed']}\n"
+                     f"modes {run['modes']}/{run['n_modes']}  hq {run['hq']:.0f}%")
+            if mixture.dim == 3:
+                ax = fig.add_subplot(rows, cols, i + 1, projection="3d")
+                ax.scatter(*samples.T, s=2, alpha=0.5, color="tab:blue")
+                ax.scatter(*centres.T, s=25, marker="x", color="tab:red")
+            else:
+                ax = fig.add_subplot(rows, cols, i + 1)
+                ax.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.5, color="tab:blue",
+                           label="generated")
+                ax.scatter(centres[:, 0], centres[:, 1], s=25, marker="x", color="tab:red",
+                           label="true modes")
+                for cx, cy in centres:  # the 3-std disc a point must fall into to count
+                    ax.add_patch(plt.Circle((cx, cy), 3 * mixture.std, fill=False, lw=0.6,
+                                            color="tab:red"))
+                lim = float(abs(centres).max()) * 1.5
+                ax.set_xlim(-lim, lim)
+                ax.set_ylim(-lim, lim)
+                ax.set_aspect("equal")
+            ax.set_title(title, fontsize=8)
+            ax.tick_params(labelsize=6)
+        fig.tight_layout()
+        with replaced_atomically(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path

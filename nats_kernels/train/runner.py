@@ -3,6 +3,7 @@ optionally with aw-loss and/or BRC) on a loss, a dataset and a seed, then the SP
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -83,8 +84,49 @@ def mlp(d_in: int, d_out: int, width: int) -> nn.Sequential:
                          nn.LeakyReLU(0.2), nn.Linear(width, d_out))
 
 
+def check_device(device) -> torch.device:
+    """``device`` parsed by ``torch.device`` and available here, or a ``ValueError`` naming
+    ``device``: an unknown string, a type this torch has no backend for, a backend that is not
+    available (``cuda`` without a GPU, ``mps`` off a Mac, ...) or an index past its count."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device: {device!r} is not a torch device "
+                         f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu, torch.mtia, ...
+    is_available, where = getattr(backend, "is_available", None), f"torch.{dev.type}"
+    if dev.type == "mps":
+        is_available, where = torch.backends.mps.is_available, "torch.backends.mps"
+    if not callable(is_available):
+        raise ValueError(f"device: {device!r}: torch cannot train on {dev.type!r} devices; use "
+                         f"cpu or an available accelerator (cuda, mps, ...)")
+    if not is_available():
+        raise ValueError(f"device: {device!r} is not available here "
+                         f"({where}.is_available() is False)")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise ValueError(f"device: {device!r}: there are {count()} {dev.type} device(s) here, "
+                         f"numbered from 0")
+    return dev
+
+
+#: ``torch.manual_seed``'s range; ``run`` also seeds with ``seed + 1``
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 2
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def check_config(cfg: RunConfig) -> tuple[str, bool, bool]:
-    """Every error a run could raise on its settings, before any training: returns
+    """Every error a run could raise on its settings, before any training (and before anything
+    is written): a ``ValueError`` whose message starts with the setting's name. Returns
     ``parse_scheme(cfg.scheme)``."""
     base, use_aw, use_brc = parse_scheme(cfg.scheme)
     get_dataset(cfg.dataset)
@@ -94,10 +136,33 @@ def check_config(cfg: RunConfig) -> tuple[str, bool, bool]:
                          f"{cfg.loss!r} does not apply to it")
     for name in ("steps", "batch", "n_d", "z_dim", "width", "cfg_M", "cfg_N", "cfg_batch",
                  "cfg_x_epochs"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name}: expected >= 1, got {getattr(cfg, name)}")
+        v = getattr(cfg, name)
+        if not _is_int(v):
+            raise ValueError(f"{name}: expected an integer, got {v!r}")
+        if v < 1:
+            raise ValueError(f"{name}: expected >= 1, got {v}")
+    if not _is_int(cfg.eval_samples):
+        raise ValueError(f"eval_samples: expected an integer, got {cfg.eval_samples!r}")
     if cfg.eval_samples < 2:
         raise ValueError(f"eval_samples: expected >= 2, got {cfg.eval_samples}")
+    if not _is_int(cfg.seed) or not SEED_MIN <= cfg.seed <= SEED_MAX:
+        raise ValueError(f"seed: expected an integer from -2**63 to 2**64 - 2 (torch's seed "
+                         f"range, less one: a run also seeds with seed + 1), got {cfg.seed!r}")
+    # learning rates: 0 is allowed (a frozen network, e.g. for an ablation)
+    for name in ("lr_d", "lr_g", "cfg_lr"):
+        v = getattr(cfg, name)
+        if not _is_real(v) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}: expected a finite learning rate >= 0, got {v!r}")
+    if (not isinstance(cfg.betas, (tuple, list)) or len(cfg.betas) != 2
+            or not all(_is_real(b) and 0 <= b < 1 for b in cfg.betas)):
+        raise ValueError(f"betas: expected two numbers in [0, 1), got {cfg.betas!r}")
+    for name in ("w_first", "w_last"):
+        v = getattr(cfg, name)
+        if not _is_real(v) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+    if not _is_real(cfg.cfg_eta) or not math.isfinite(cfg.cfg_eta) or cfg.cfg_eta <= 0:
+        raise ValueError(f"cfg_eta: expected a finite step size > 0, got {cfg.cfg_eta!r}")
+    check_device(cfg.device)
     return base, use_aw, use_brc
 
 
