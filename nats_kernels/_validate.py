@@ -3,7 +3,10 @@ tensor's values, so they cost no host sync."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -112,3 +115,118 @@ def paired_lists(
                     f"{tuple(first[i].shape)}"
                 )
     return checked, device, dtype
+
+
+def flag(name: str, value) -> bool:
+    """A bool option: ``True`` or ``False`` only (a string such as "no" is not taken by its
+    truthiness)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
+    return value
+
+
+def finite(name: str, value, *, minimum: float | None = None) -> float:
+    """A hyperparameter that must be a finite Python number (NaN and +-inf rejected), at least
+    ``minimum`` when given."""
+    x = number(name, value)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if minimum is not None and x < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    return x
+
+
+# ----------------------------------------------------------------------------- in-place writes
+#
+# The rules of PyTorch's own in-place ops and out= functions, checked before anything is written
+# (metadata only: no value is read). Outside torch.no_grad():
+# - a leaf tensor that requires grad (a parameter) cannot be written in place, nor a view of one;
+# - a view created under no_grad of a tensor that requires grad cannot be written in place;
+# - an out= argument that requires grad is refused: it is overwritten, not differentiated.
+# A non-leaf tensor of a graph may be updated in place (cfg_step_, iga_correction_): its version
+# counter is bumped, so autograd raises at backward() if the old value was saved for it.
+
+
+def _inplace_error(name: str, t: torch.Tensor) -> str | None:
+    base = t._base
+    if base is not None and base.requires_grad:
+        if t.is_leaf:  # a view that autograd does not track: made under no_grad
+            return (f"{name} is a view created under torch.no_grad() of a tensor that requires "
+                    f"grad: it cannot be written in place with grad mode on, as with PyTorch's "
+                    f"own in-place ops (make and write it both inside or both outside no_grad)")
+        if base.is_leaf:
+            return (f"{name} is a view of a leaf tensor that requires grad: it can be written in "
+                    f"place only under torch.no_grad(), as with PyTorch's own in-place ops")
+    elif t.is_leaf and t.requires_grad:
+        return (f"{name} is a leaf tensor that requires grad (a parameter?): it can be written "
+                f"in place only under torch.no_grad(), as with PyTorch's own in-place ops "
+                f"(did you pass parameters where their .grad was meant?)")
+    return None
+
+
+def inplace(name: str, t: torch.Tensor) -> None:
+    """``t`` is updated in place (``t += ...``): PyTorch's rules for in-place ops."""
+    if torch.is_grad_enabled():
+        msg = _inplace_error(name, t)
+        if msg:
+            raise RuntimeError(msg)
+
+
+def out_arg(name: str, t: torch.Tensor) -> None:
+    """``t`` is overwritten (an out= argument): PyTorch's rules for out= functions."""
+    if torch.is_grad_enabled() and (t.requires_grad or t._base is not None):
+        msg = _inplace_error(name, t)
+        if msg:
+            raise RuntimeError(msg)
+        if t.requires_grad:
+            raise RuntimeError(
+                f"{name} requires grad, but it is overwritten and not differentiated (as "
+                f"PyTorch's out= functions refuse): write it under torch.no_grad(), or pass a "
+                f"tensor that does not require grad"
+            )
+
+
+def inplace_list(name: str, ts: Sequence[torch.Tensor], *, out: bool = False) -> None:
+    if not torch.is_grad_enabled():
+        return
+    check = out_arg if out else inplace
+    for i, t in enumerate(ts):
+        if t.requires_grad or t._base is not None:
+            check(f"{name}[{i}]", t)
+
+
+_ptr = torch.Tensor.data_ptr
+_nbytes = operator.attrgetter("nbytes")
+
+
+def disjoint_outputs(name: str, ts: Sequence[torch.Tensor]) -> None:
+    """Refuse a list of written tensors in which two share memory (one tensor twice in ``out``,
+    overlapping views of one buffer): a write-write conflict, whose result would depend on the
+    order a kernel visits elements. (Inputs that overlap outputs are fine: every backend reads
+    them as they were before the call.) Decided from byte ranges for contiguous tensors, for
+    others only when they start at the same address (PyTorch's own check also gives up on
+    interleaved strided views). Metadata only; skipped while torch.compile traces (fake tensors
+    have no addresses)."""
+    if len(ts) < 2 or torch.compiler.is_compiling() or ts[0].device.type == "meta":
+        return
+    try:
+        starts = list(map(_ptr, ts))
+    except RuntimeError:  # tensors without storage (fake tensors): nothing to decide
+        return
+    order = sorted(zip(starts, map(operator.add, starts, map(_nbytes, ts)), itertools.count()))
+    reach = list(itertools.accumulate((e for _, e, _ in order), max))
+    if all(map(operator.ge, (s for s, _, _ in order[1:]), reach)):
+        return  # no byte range reaches into the next one: the usual case, at C speed
+    for k, (s, e, i) in enumerate(order):
+        if s == e:
+            continue
+        for s2, e2, j in order[k + 1:]:
+            if s2 >= e:
+                break
+            if s2 == e2:
+                continue
+            a, b = ts[i], ts[j]
+            if s2 == s or (a.is_contiguous() and b.is_contiguous()):
+                i, j = min(i, j), max(i, j)
+                raise ValueError(f"{name}[{i}] and {name}[{j}] share memory; each tensor written "
+                                 f"needs its own memory")

@@ -98,15 +98,19 @@ def aw_weights(
             :func:`multi_dot`.
         real_logits, fake_logits: raw discriminator outputs, any non-empty shape, floating,
             on dots' device.
-        normalized, alpha1, alpha2, delta, eps: Python values (configuration, not device values).
+        normalized, alpha1, alpha2, delta, eps: Python values (configuration, not device values):
+            a bool and finite numbers, ``eps >= 0``. The rule runs in float32 (float64 for
+            float64 dots) whatever dots' dtype; the weights are rounded to dots' dtype once.
 
     Returns:
         ``(w_r, w_f, case)``: 0-d tensors on device; the weights in dots' dtype, ``case`` int64
         in 1..5 for logging. No host synchronization.
 
     Raises:
-        TypeError: non-floating tensors, tensor-valued hyperparameters.
-        ValueError: ``dots`` not of shape ``(3,)``, empty logits, different devices.
+        TypeError: non-floating tensors, tensor-valued hyperparameters, a non-bool
+            ``normalized``.
+        ValueError: ``dots`` not of shape ``(3,)``, empty logits, different devices, a NaN or
+            infinite hyperparameter, a negative ``eps``.
     """
     v.tensor("dots", dots)
     v.shape("dots", dots, (3,))
@@ -117,8 +121,8 @@ def aw_weights(
             raise ValueError(f"{name} must not be empty (its sigmoid mean decides the case)")
     if not isinstance(normalized, bool):
         raise TypeError(f"normalized must be a bool, got {type(normalized).__name__}")
-    hyper = [v.number(n, x) for n, x in
-             (("alpha1", alpha1), ("alpha2", alpha2), ("delta", delta), ("eps", eps))]
+    hyper = [v.finite(n, x) for n, x in (("alpha1", alpha1), ("alpha2", alpha2), ("delta", delta))]
+    hyper.append(v.finite("eps", eps, minimum=0.0))
     return _aw_weights_op(dots, real_logits, fake_logits, normalized, *hyper)
 
 
@@ -141,14 +145,22 @@ def aw_combine_(
 
     Math in float32 (float64 for float64 inputs), one rounding per element.
 
+    Autograd: ``out`` is overwritten, not differentiated, so (as PyTorch's out= functions) an
+    ``out`` tensor that requires grad is refused outside ``torch.no_grad()``, a parameter
+    included (pass ``p.grad``, not ``p``); under ``no_grad`` it is written.
+
     Raises:
         TypeError / ValueError as :func:`multi_dot`; ValueError for an ``out`` tensor with
-        overlapping memory or a weight that is not 0-d.
+        overlapping memory, two ``out`` tensors sharing memory, a weight that is not 0-d;
+        RuntimeError for an ``out`` tensor that requires grad (or a view of one) outside
+        ``torch.no_grad()``. Nothing is written when it raises.
     """
     (out, g_r, g_f), device, dtype = v.paired_lists(("out", "g_r", "g_f"), (out, g_r, g_f))
     for i, t in enumerate(out):
         v.no_internal_overlap(f"out[{i}]", t)
+    v.inplace_list("out", out, out=True)
     acc = v.acc_dtype(dtype)
     w_r = v.scalar("w_r", w_r, device, acc)
     w_f = v.scalar("w_f", w_f, device, acc)
+    v.disjoint_outputs("out", out)
     _aw_combine_op(out, g_r, g_f, w_r, w_f)

@@ -78,14 +78,17 @@ def annealed_weights(
         first, last: positive finite Python numbers.
         M: number of steps, a Python int >= 1.
         device: where the result lives (default: the current default device).
-        dtype: a floating dtype (default float32); computed in float64, then cast.
+        dtype: a floating dtype (default float32) that can hold ``first`` and ``last``;
+            computed in float64 (through logarithms when ``last / first`` leaves float64's
+            range), the ends exactly ``first`` and ``last``, then cast.
 
     Returns:
         A new ``(M,)`` tensor.
 
     Raises:
         TypeError: non-number ``first``/``last``, non-int ``M``, non-floating ``dtype``.
-        ValueError: ``first``/``last`` not positive and finite, ``M < 1``.
+        ValueError: ``first``/``last`` not positive and finite, ``M < 1``, a ``dtype`` in which
+            they would round to inf or to zero.
     """
     first = v.number("first", first)
     last = v.number("last", last)
@@ -98,6 +101,15 @@ def annealed_weights(
         raise ValueError(f"M must be >= 1, got {M}")
     if dtype not in v.FLOATING:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    # The progression is monotonic: its extremes are first and last. Refuse a dtype in which
+    # they would round to inf or to 0 (float16 tops out at 65504).
+    info = torch.finfo(dtype)
+    lo, hi = min(first, last), max(first, last)
+    if hi > info.max or lo < info.tiny * info.eps:
+        raise ValueError(
+            f"dtype {dtype} cannot hold the weights: they span [{lo:g}, {hi:g}], {dtype} holds "
+            f"[{info.tiny * info.eps:g}, {info.max:g}] (ask for a wider dtype)"
+        )
     device = torch.device(device) if device is not None else torch.get_default_device()
     return _annealed_weights_op(first, last, int(M), device, dtype)
 
@@ -151,10 +163,15 @@ def cfg_accumulate(
         ``out`` (x0's dtype). Math in float32, float64 for float64 inputs; one rounding at the end.
         Not differentiable (it moves samples along gradients already computed).
 
+    Autograd: ``out`` is overwritten, not differentiated, so (as PyTorch's out= functions) an
+    ``out`` that requires grad is refused outside ``torch.no_grad()``.
+
     Raises:
         TypeError: non-tensor or non-floating inputs, dtype differing from ``x0``.
         ValueError: M = 0, wrong shapes or list length, tensors on different devices, an
             ``out`` with overlapping memory.
+        RuntimeError: an ``out`` that requires grad (or a view of one) outside
+            ``torch.no_grad()``. Nothing is written when it raises.
     """
     v.tensor("x0", x0)
     v.tensor("weights", weights)
@@ -188,6 +205,7 @@ def cfg_accumulate(
         v.same_dtype("out", out, x0.dtype, "x0")
         v.shape("out", out, x0.shape)
         v.no_internal_overlap("out", out)
+        v.out_arg("out", out)
     op(x0, grads, weights, eta, scale, out)
     return out
 
@@ -210,9 +228,15 @@ def cfg_step_(
     Returns:
         ``x``. Math in float32 (float64 for float64 inputs), one rounding.
 
+    Autograd (PyTorch's rules for in-place ops): a leaf ``x`` that requires grad, or a view of
+    one, is written only under ``torch.no_grad()``, else RuntimeError. A non-leaf ``x`` of a
+    graph is updated in place and its version counter bumped, so ``backward()`` raises if
+    autograd saved its old value; the step is not differentiated with respect to ``grad``,
+    ``weight``, ``eta`` or ``scale``.
+
     Raises:
         TypeError / ValueError as :func:`cfg_accumulate`; ValueError if ``x`` has overlapping
-        memory.
+        memory; RuntimeError as above. Nothing is written when it raises.
     """
     v.tensor("x", x)
     v.tensor("grad", grad)
@@ -221,6 +245,7 @@ def cfg_step_(
     v.same_dtype("grad", grad, x.dtype, "x")
     v.shape("grad", grad, x.shape)
     v.no_internal_overlap("x", x)
+    v.inplace("x", x)
     _check_scale(scale, x, "x", ())
     weight = v.scalar("weight", weight, device, v.acc_dtype(x.dtype))
     eta, weight = _fold_eta(eta, weight)

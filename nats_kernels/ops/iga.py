@@ -64,11 +64,21 @@ def iga_correction_(g_G: Sequence[Tensor], gf_G: Sequence[Tensor], r: float | Te
 
     Math in float32 (float64 for float64 inputs), one rounding per element.
 
+    Autograd (PyTorch's rules for in-place ops): a leaf ``g_G`` tensor that requires grad (a
+    parameter), or a view of one, is written only under ``torch.no_grad()``, else
+    RuntimeError. A non-leaf ``g_G`` tensor of a graph is updated in place and its version
+    counter bumped, so ``backward()`` raises if autograd saved its old value; the update is not
+    differentiated with respect to ``gf_G`` or ``r``.
+
     Raises:
         TypeError / ValueError as :func:`nats_kernels.multi_dot`; ValueError for a ``g_G`` tensor
-        with overlapping memory or a non-0-d ``r``.
+        with overlapping memory, two ``g_G`` tensors sharing memory, a non-0-d ``r``;
+        RuntimeError as above. Nothing is written when it raises.
     """
     (g_G, gf_G), device, dtype = v.paired_lists(("g_G", "gf_G"), (g_G, gf_G))
     for i, t in enumerate(g_G):
         v.no_internal_overlap(f"g_G[{i}]", t)
-    _iga_correction_op(g_G, gf_G, v.scalar("r", r, device, v.acc_dtype(dtype)))
+    v.inplace_list("g_G", g_G)
+    r = v.scalar("r", r, device, v.acc_dtype(dtype))
+    v.disjoint_outputs("g_G", g_G)
+    _iga_correction_op(g_G, gf_G, r)

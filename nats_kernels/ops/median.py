@@ -14,6 +14,8 @@ from .._dispatch import kernel
 #: Workspace the median may use by default for distance tiles and kept keys, in bytes (the
 #: centred work copy of the inputs and the (B, 65536) histograms come on top).
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
+# The schema's int is int64.
+MAX_MEMORY_BUDGET = 2**63 - 1
 
 
 @torch.library.custom_op("nats_kernels::median_pairwise_distance", mutates_args=())
@@ -58,11 +60,15 @@ def median_pairwise_distance(
         Not differentiable.
 
     Raises:
-        TypeError: non-tensor or non-floating input, dtype of y differing from x.
+        TypeError: non-tensor or non-floating input, dtype of y differing from x, a
+            ``squared``/``batched`` that is not a bool, a ``memory_budget`` that is not an int.
         ValueError: fewer than 2 samples (pairwise) or an empty set (cross), shape or batch
-            mismatch between x and y, different devices, a non-positive memory budget.
+            mismatch between x and y, different devices, a memory budget that is not positive
+            or does not fit in int64.
     """
     v.tensor("x", x)
+    squared = v.flag("squared", squared)
+    batched = v.flag("batched", batched)
     lead = 2 if batched else 1
     if x.dim() < lead:
         raise ValueError(
@@ -93,7 +99,9 @@ def median_pairwise_distance(
         memory_budget = DEFAULT_MEMORY_BUDGET
     elif isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral):
         raise TypeError(f"memory_budget must be an int (bytes), got {type(memory_budget).__name__}")
-    elif memory_budget <= 0:
-        raise ValueError(f"memory_budget must be positive, got {memory_budget}")
-    result = _median_op(xb, yb, bool(squared), int(memory_budget))
+    elif not 0 < memory_budget <= MAX_MEMORY_BUDGET:
+        raise ValueError(
+            f"memory_budget must be a positive number of bytes up to 2**63 - 1, got {memory_budget}"
+        )
+    result = _median_op(xb, yb, squared, int(memory_budget))
     return result if batched else result[0]

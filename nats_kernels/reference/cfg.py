@@ -6,6 +6,9 @@ float64 inputs; the result is cast back to the input dtype once, at the end.
 
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
 
 from .._validate import acc_dtype
@@ -17,7 +20,18 @@ def annealed_weights_ref(
     if M == 1:
         return torch.full((1,), first, dtype=dtype, device=device)
     exponent = torch.arange(M, dtype=torch.float64, device=device) / (M - 1)
-    return (first * (last / first) ** exponent).to(dtype)
+    ratio = last / first
+    if math.isfinite(ratio) and ratio >= sys.float_info.min:
+        w = first * ratio**exponent
+    else:
+        # last / first overflows or underflows float64 (e.g. first = 1e308, last = 1e-308):
+        # interpolate the logarithms instead; every entry between two representable endpoints
+        # is representable.
+        la, lb = math.log(first), math.log(last)
+        w = torch.exp(la + exponent * (lb - la))
+    w[0] = first
+    w[-1] = last
+    return w.to(dtype)
 
 
 def _coefficients(weights, eta, scale, ndim, acc):

@@ -176,7 +176,8 @@ class AWLoss:
             All trainable parameters on one device; several floating dtypes are fine.
         normalized: ``True`` for Algorithm 1 (the paper's default, weights scaled by the inverse
             gradient norms), ``False`` for Algorithm 2.
-        alpha1, alpha2, delta, eps: the rule's constants (SPEC §4), Python numbers.
+        alpha1, alpha2, delta, eps: the rule's constants (SPEC §4), finite Python numbers;
+            ``eps >= 0``.
 
     Attributes:
         last_weights: ``(w_r, w_f)`` of the last call, 0-d device tensors (float32, float64 when a
@@ -199,10 +200,10 @@ class AWLoss:
         if not isinstance(normalized, bool):
             raise TypeError(f"normalized must be a bool, got {type(normalized).__name__}")
         self.normalized = normalized
-        self.alpha1 = v.number("alpha1", alpha1)
-        self.alpha2 = v.number("alpha2", alpha2)
-        self.delta = v.number("delta", delta)
-        self.eps = v.number("eps", eps)
+        self.alpha1 = v.finite("alpha1", alpha1)
+        self.alpha2 = v.finite("alpha2", alpha2)
+        self.delta = v.finite("delta", delta)
+        self.eps = v.finite("eps", eps, minimum=0.0)
         self.last_weights: tuple[Tensor, Tensor] | None = None
         self.last_case: Tensor | None = None
 

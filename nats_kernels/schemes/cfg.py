@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _validate as v
 from .._validate import acc_dtype
 from ..ops import cfg_step_
 
@@ -269,14 +270,27 @@ class AnnealedCFG:
         return z if self.z_std == 1.0 else z * self.z_std
 
     def _g_eval(self, z: Tensor) -> Tensor:
+        """G(z) in eval mode, as a tensor the CFG steps may write in place: a generator output
+        that shares memory with ``z`` or with a parameter or buffer of G (e.g. ``nn.Identity``,
+        or a learnt point set returned as is) is copied first, so moving samples never changes
+        the model or the returned ``z``."""
         g = self.generator
         was_training = g.training
         g.eval()
         try:
             with torch.no_grad():
-                return g(z)
+                x = g(z)
         finally:
             g.train(was_training)
+        if not isinstance(x, Tensor):
+            raise TypeError(f"generator must return a tensor, got {type(x).__name__}")
+        if x.numel():
+            mine = x.untyped_storage().data_ptr()
+            owned = {t.untyped_storage().data_ptr() for t in (z, *g.parameters(), *g.buffers())
+                     if t.device == x.device and t.numel()}
+            if mine in owned:
+                x = x.clone()
+        return x
 
     def _move(self, x: Tensor, steps: int) -> Tensor:
         """x through snapshots 0..steps-1, in place: x += eta * w_m * s_m * grad_x D_m(x)."""
@@ -314,6 +328,7 @@ class AnnealedCFG:
         """
         n = _int("n", n, 1)
         batch_size = n if batch_size is None else _int("batch_size", batch_size, 1)
+        return_z = v.flag("return_z", return_z)
         xs, zs = [], []
         for start in range(0, n, batch_size):
             z = self._z(min(batch_size, n - start))
@@ -347,6 +362,16 @@ class AnnealedCFG:
                 f"real_batches must yield tensors or (tensor, ...) tuples, got "
                 f"{type(batch).__name__}"
             )
+        if not batch.is_floating_point():
+            raise TypeError(
+                f"real_batches yields {batch.dtype} tensors; the discriminator takes floating "
+                f"samples (convert them, e.g. images to float in [-1, 1])"
+            )
+        if batch.dim() == 0 or batch.shape[0] == 0:
+            raise ValueError(
+                f"real_batches must yield batches (B, ...) with B >= 1, got shape "
+                f"{tuple(batch.shape)}"
+            )
         return batch.to(self.device, non_blocking=True)
 
     def _snapshot(self, t: int) -> None:
@@ -364,6 +389,13 @@ class AnnealedCFG:
                 is there already). A re-iterable (list, ``DataLoader``) passed again in the next
                 stage continues where the last stage stopped and is restarted when exhausted
                 (as the official ``get_next``); a one-shot iterator that runs out raises.
+
+        Raises:
+            TypeError: a batch that is not a tensor (or a tuple/list starting with one), or of
+                a non-floating dtype.
+            ValueError: an empty batch, or samples of another shape than the generator's
+                (checked before the discriminator sees them).
+            RuntimeError: a one-shot iterator that runs out within the stage.
         """
         if real_batches is not self._real_source:
             self._real_source = real_batches
@@ -376,6 +408,12 @@ class AnnealedCFG:
                 xr = self._next_real(needed, got)
                 got += 1
                 x = self._move(self._g_eval(self._z(xr.shape[0])), t)
+                if xr.shape[1:] != x.shape[1:]:
+                    raise ValueError(
+                        f"real_batches yields samples of shape {tuple(xr.shape[1:])} but the "
+                        f"generator's samples have shape {tuple(x.shape[1:])}; the "
+                        f"discriminator sees both"
+                    )
                 opt.zero_grad(set_to_none=True)
                 real_logits, fake_logits = D(xr), D(x)
                 loss_real = F.softplus(-real_logits).mean()

@@ -92,9 +92,10 @@ def preset_weights(resolution, *, nearest: bool = False) -> tuple[float, float]:
         ``(first, last)`` as Python floats.
 
     Raises:
-        TypeError: resolution not an int or a pair of ints.
+        TypeError: resolution not an int or a pair of ints, a non-bool ``nearest``.
         ValueError: a non-positive size; an uncovered resolution with ``nearest=False``.
     """
+    nearest = v.flag("nearest", nearest)
     if isinstance(resolution, (tuple, list)):
         if len(resolution) != 2:
             raise ValueError(f"resolution must be an int or a pair (H, W), got {resolution!r}")

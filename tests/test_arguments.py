@@ -1,0 +1,185 @@
+"""Arguments that used to be taken silently or to fail obscurely: each is now refused with one
+sentence naming it, or computed right. (Most argument checks live beside each op's tests; these
+are the ones issue 11 found missing.)"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import nats_kernels as nk
+from nats_kernels.schemes import AWLoss, preset_weights
+from nats_kernels.schemes.cfg import AnnealedCFG
+
+# ------------------------------------------------------------------------------ bool flags
+
+
+@pytest.mark.parametrize("flag", ["squared", "batched"])
+@pytest.mark.parametrize("value", ["no", 1, 0, None, torch.tensor(True)], ids=repr)
+def test_median_flags_must_be_bools(flag, value):
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        nk.median_pairwise_distance(x, **{flag: value})
+
+
+def test_other_flags_must_be_bools():
+    with pytest.raises(TypeError, match="nearest must be a bool"):
+        preset_weights(64, nearest="no")
+    with pytest.raises(TypeError, match="normalized must be a bool"):
+        nk.aw_weights(torch.ones(3), torch.zeros(2), torch.zeros(2), normalized="no")
+    cfg = AnnealedCFG(nn.Linear(2, 2), nn.Linear(2, 1), M=1, eta=1.0, weights=None, z_dim=2)
+    with pytest.raises(TypeError, match="return_z must be a bool"):
+        cfg.generate(3, return_z="no")
+
+
+# ------------------------------------------------------------------------ memory_budget
+
+
+@pytest.mark.parametrize("budget", [2**63, 2**70])
+def test_memory_budget_beyond_int64_is_named(budget):
+    with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes"):
+        nk.median_pairwise_distance(torch.randn(5, 3), memory_budget=budget)
+
+
+def test_memory_budget_at_int64_max_runs():
+    x = torch.randn(9, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = nk.median_pairwise_distance(x, memory_budget=2**63 - 1)
+    torch.testing.assert_close(got, torch.pdist(x).median(), rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------- annealed_weights
+
+
+def test_annealed_weights_extreme_ratio_neither_overflows_nor_underflows():
+    w = nk.annealed_weights(1e308, 1e-308, 3, dtype=torch.float64)
+    assert w[0] == 1e308 and w[2] == 1e-308
+    assert math.isclose(w[1].item(), 1.0, rel_tol=1e-12)
+    w = nk.annealed_weights(sys.float_info.min / 2**40, 1e300, 5, dtype=torch.float64)
+    expect = [math.exp(math.log(sys.float_info.min / 2**40) + k / 4 *
+                       (math.log(1e300) - math.log(sys.float_info.min / 2**40)))
+              for k in range(5)]
+    assert (w > 0).all() and torch.isfinite(w).all()
+    torch.testing.assert_close(w[1:4], torch.tensor(expect[1:4], dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("first, last, M", [(1.0, 0.01, 15), (20.0, 1.0, 7), (0.01, 1.0, 4)])
+def test_annealed_weights_ends_are_exact(first, last, M):
+    w = nk.annealed_weights(first, last, M, dtype=torch.float64)
+    assert w[0].item() == first and w[-1].item() == last
+    ratio = (w[1:] / w[:-1]).tolist()
+    assert max(ratio) - min(ratio) < 1e-12  # a geometric progression
+
+
+@pytest.mark.parametrize("dtype, first, last", [
+    (torch.float16, 1e6, 1.0), (torch.float16, 1.0, 1e-9), (torch.bfloat16, 1e39, 1.0),
+    (torch.float32, 1.0, 1e-46), (torch.float32, 1e39, 1.0)], ids=str)
+def test_annealed_weights_refuse_a_dtype_that_cannot_hold_them(dtype, first, last):
+    with pytest.raises(ValueError, match=f"dtype {dtype} cannot hold the weights"):
+        nk.annealed_weights(first, last, 3, dtype=dtype)
+
+
+def test_annealed_weights_at_the_edge_of_float16_are_finite():
+    w = nk.annealed_weights(65504.0, 1.0, 3, dtype=torch.float16)
+    assert torch.isfinite(w).all() and w[0] == 65504
+
+
+# ------------------------------------------------------------------ aw hyperparameters
+
+BAD_HYPER = [("eps", -0.01, "eps must be >= 0"), ("eps", math.nan, "eps must be finite"),
+             ("eps", math.inf, "eps must be finite"), ("alpha1", math.nan, "alpha1 must be"),
+             ("alpha2", math.nan, "alpha2 must be"), ("delta", math.nan, "delta must be"),
+             ("alpha1", -math.inf, "alpha1 must be"), ("delta", math.inf, "delta must be")]
+
+
+@pytest.mark.parametrize("name, value, match", BAD_HYPER)
+def test_aw_weights_hyperparameters(name, value, match):
+    with pytest.raises(ValueError, match=match):
+        nk.aw_weights(torch.ones(3), torch.zeros(2), torch.zeros(2), **{name: value})
+
+
+@pytest.mark.parametrize("name, value, match", BAD_HYPER)
+def test_awloss_hyperparameters(name, value, match):
+    with pytest.raises(ValueError, match=match):
+        AWLoss(nn.Linear(2, 1), **{name: value})
+
+
+def test_aw_eps_zero_is_allowed():
+    w_r, w_f, case = nk.aw_weights(torch.tensor([1.0, 1.0, 1.0]), torch.zeros(2), torch.zeros(2),
+                                   eps=0.0)
+    assert int(case) == 5
+
+
+# ------------------------------------------------------------------------- AnnealedCFG
+
+
+def _cfg(G=None, D=None, **kw):
+    torch.manual_seed(0)
+    G = G if G is not None else nn.Linear(2, 2)
+    D = D if D is not None else nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1))
+    return AnnealedCFG(G, D, **{"M": 2, "eta": 0.5, "weights": None, "z_dim": 2, "N": 8,
+                                "x_epochs": 1, "batch_size": 4, **kw})
+
+
+def test_train_stage_real_batches_of_the_wrong_feature_size():
+    cfg = _cfg()
+    before = [p.detach().clone() for p in cfg.discriminator.parameters()]
+    with pytest.raises(ValueError, match=r"real_batches yields samples of shape \(5,\) but the "
+                                         r"generator's samples have shape \(2,\)"):
+        cfg.train_stage([torch.randn(4, 5)])
+    assert all(torch.equal(p, b) for p, b in zip(cfg.discriminator.parameters(), before))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool], ids=str)
+def test_train_stage_real_batches_of_an_integer_dtype(dtype):
+    with pytest.raises(TypeError, match=f"real_batches yields {dtype} tensors"):
+        _cfg().train_stage([torch.ones(4, 2, dtype=dtype)])
+
+
+def test_train_stage_empty_real_batch():
+    with pytest.raises(ValueError, match="B >= 1"):
+        _cfg().train_stage([torch.ones(0, 2)])
+
+
+class PointSet(nn.Module):
+    """A 'generator' that returns its learnt points as they are (a view of its parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.points = nn.Parameter(torch.randn(64, 2))
+
+    def forward(self, z):
+        return self.points[: z.shape[0]]
+
+
+def test_generator_output_viewing_its_parameter_is_not_written():
+    cfg = _cfg(G=PointSet())
+    before = cfg.generator.points.detach().clone()
+    cfg.train_stage([torch.randn(4, 2)] * 4)  # stage 0: one snapshot; the approximator runs
+    after_train = cfg.generator.points.detach().clone()
+    x = cfg.generate(4)  # moved through M snapshots
+    assert torch.equal(cfg.generator.points.detach(), after_train)
+    assert not torch.equal(x, after_train[:4])  # the samples did move
+    assert not torch.equal(after_train, before)  # only the approximator's optimizer moves G
+
+
+class ReturnsZ(nn.Module):
+    """A 'generator' that returns its input itself (think of a fixed prior being moved)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, z):
+        return z
+
+
+def test_identity_generator_returns_the_z_it_drew():
+    cfg = _cfg(G=ReturnsZ(), D=nn.Linear(2, 1))
+    x, z = cfg.generate(3, return_z=True)
+    assert not torch.equal(x, z)  # x moved, z is the untouched draw
+    assert torch.equal(z, cfg.generator(z))
