@@ -24,7 +24,13 @@ def multi_dot_ref(a, b) -> torch.Tensor:
 
 
 def aw_weights_ref(dots, real_logits, fake_logits, normalized, alpha1, alpha2, delta, eps):
-    acc = dots.dtype
+    # The rule runs in the accumulation dtype (float32, float64 for float64 dots) whatever the
+    # dtype of dots: in float16 a sigmoid mean of 0.4999 would round to 0.5 and flip the case.
+    # Hyperparameters are rounded to that dtype where they meet a tensor; the weights are
+    # rounded to dots' dtype once, at the end.
+    out_dtype = dots.dtype
+    acc = acc_dtype(dots.dtype)
+    dots = dots.to(acc)
     rr = dots[0] + NORM_EPS
     ff = dots[1] + NORM_EPS
     rf = dots[2]
@@ -59,7 +65,7 @@ def aw_weights_ref(dots, real_logits, fake_logits, normalized, alpha1, alpha2, d
         torch.where(aligned, torch.zeros_like(ff), -rf / ff * inv_r),
         inv_f,
     ) + eps
-    return w_r, w_f, case
+    return w_r.to(out_dtype), w_f.to(out_dtype), case
 
 
 def aw_combine_ref(out, g_r, g_f, w_r, w_f) -> None:
