@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
 import torch
 
 import nats_kernels as nk
+from nats_kernels import _dispatch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -71,3 +73,50 @@ def make(shape, dtype, device="cpu", *, seed=0, noncontiguous=False, scale=1.0):
     wide = shape[:-1] + (2 * shape[-1],) if shape else (2,)
     buf = (torch.randn(wide, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
     return buf[..., ::2] if shape else buf[0]
+
+
+@contextlib.contextmanager
+def raises_before_dispatch(err, match=None):
+    """``pytest.raises(err, match=match)`` for a rejection made by the input checks of a public
+    function, before it asks ``nats_kernels._dispatch`` for a backend's kernel.
+
+    Such a rejection cannot depend on the backend, so the test runs once, on CPU tensors, and is
+    not parametrized with ``cases()``. Should the call reach the dispatch (a check moved into a
+    kernel, or a call that validation lets through), it fails with an AssertionError that says
+    so: that rejection may differ between backends and needs a test per backend."""
+    real = _dispatch.requested_backend
+
+    def refuse():
+        raise AssertionError(
+            "the call reached backend dispatch: this rejection is not made by the public "
+            "function's input checks, so it may differ between backends; test it once per "
+            "backend (helpers.cases) instead"
+        )
+
+    _dispatch.requested_backend = refuse
+    try:
+        with pytest.raises(err, match=match) as info:
+            yield info
+    finally:
+        _dispatch.requested_backend = real
+
+
+def assert_distinguishable(expected: torch.Tensor, other: torch.Tensor, dtype: torch.dtype,
+                           what=""):
+    """Guard against a blind test: ``other`` (the float64 oracle of a wrong result, e.g. one
+    with a term left out) must differ from ``expected`` by more than twice the tolerance of
+    ``TOL[dtype]`` in at least one element, so that ``assert_close(result, expected, dtype)``
+    fails for a kernel that computes ``other``. Twice: such a kernel returns ``other`` rounded
+    to ``dtype``, and that rounding (at most half an ulp, less than rtol) must not bring it back
+    within the tolerance."""
+    tol = TOL[dtype]
+    expected = expected.detach().double().cpu()
+    gap = (other.detach().double().cpu() - expected).abs()
+    bound = 2 * (tol["atol"] + tol["rtol"] * expected.abs())
+    if not bool((gap > bound).any()):
+        worst = float((gap / bound).nan_to_num(0.0).max()) if gap.numel() else 0.0
+        raise AssertionError(
+            f"{what} [{dtype}]: the test cannot tell this from the expected result: the largest "
+            f"difference is {worst:.3g} x twice the tolerance (must exceed 1 somewhere); give "
+            f"the term a larger weight, scale or eta"
+        )
