@@ -4,6 +4,12 @@ AWLoss's oracle is the official aw-loss procedure: ``backward()`` per term, clon
 ``torch.cat`` them, three ``torch.dot(...).item()``, the rule in plain Python, a per-parameter
 write-back. BRC's oracle takes each gradient with its own ``torch.autograd.grad`` call and applies
 eq. 9 in float64 on the host. Everything runs in float64 so the comparison is tight.
+
+Every test that reaches an op runs once per backend that implements the scheme's ops
+(``helpers.cases``: reference and cpu on CPU tensors, triton and cuda on CUDA tensors, triton on
+CPU tensors under TRITON_INTERPRET=1), so the reference kernels are checked here too and not only
+the one ``auto`` picks. Tests of pure argument checking, of the test networks themselves and of
+the meta device run once.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as nnf
-from helpers import assert_close
+from helpers import assert_close, cases
 from torch import nn
 
 from nats_kernels.schemes import BRC, AWLoss
@@ -24,14 +30,20 @@ pytestmark = pytest.mark.single_thread
 F64 = torch.float64
 NORM_EPS = 1e-4  # SPEC §4: added to both squared norms
 
+# (device, backend) pairs of the ops each scheme calls.
+AW_CASES = cases("multi_dot", "aw_weights", "aw_combine_")
+BRC_CASES = cases("multi_dot", "iga_ratio", "iga_correction_")
+on_aw_backends = pytest.mark.parametrize("device,backend", AW_CASES)
+on_brc_backends = pytest.mark.parametrize("device,backend", BRC_CASES)
 
-def rand(*shape, seed=0, scale=1.0):
+
+def rand(*shape, seed=0, scale=1.0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen, dtype=F64) * scale
+    return (torch.randn(*shape, generator=gen, dtype=F64) * scale).to(device)
 
 
 def close(actual, expected, what):
-    assert_close(actual, expected, F64, what)
+    assert_close(actual, expected.to(actual.device), F64, what)
 
 
 def assert_own_grads(module):
@@ -137,7 +149,7 @@ class HandsD(nn.Module):
         self.lin = nn.Linear(2, 1).double()
         self.p1 = nn.Parameter(rand(2, seed=1))
         self.p2 = nn.Parameter(torch.zeros(2, dtype=F64))
-        self.given = rand(2, seed=2)
+        self.register_buffer("given", rand(2, seed=2), persistent=False)
 
     def forward(self, x):
         x = Hands.apply(x, self.p2, self.given)
@@ -246,9 +258,9 @@ def check_against_oracle(D, D_oracle, aw, loss, expected):
     return e_case
 
 
-def sample_forward(loss_fn, shape, seed=0, fake_shift=0.5, dtype=F64):
-    real = rand(*shape, seed=seed).to(dtype)
-    fake = (rand(*shape, seed=seed + 1) + fake_shift).to(dtype)
+def sample_forward(loss_fn, shape, seed=0, fake_shift=0.5, dtype=F64, device="cpu"):
+    real = rand(*shape, seed=seed).to(dtype).to(device)
+    fake = (rand(*shape, seed=seed + 1) + fake_shift).to(dtype).to(device)
 
     def forward(net):
         real_logits, fake_logits = net(real), net(fake)
@@ -286,19 +298,25 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("normalized", [True, False], ids=["alg1", "alg2"])
-@pytest.mark.parametrize("spec", CASES.values(), ids=CASES.keys())
-def test_awloss_every_case_matches_official(spec, normalized):
-    case, t_r, t_f = spec
+def offset_batches(t_r, t_f, device):
     base = rand(8, 2, seed=3, scale=0.1) + 1.0
     real = torch.cat((base, torch.full((8, 1), t_r, dtype=F64)), 1)
     fake = torch.cat((base, torch.full((8, 1), t_f, dtype=F64)), 1)
+    return real.to(device), fake.to(device)
+
+
+@on_aw_backends
+@pytest.mark.parametrize("normalized", [True, False], ids=["alg1", "alg2"])
+@pytest.mark.parametrize("spec", CASES.values(), ids=CASES.keys())
+def test_awloss_every_case_matches_official(spec, normalized, device, backend):
+    case, t_r, t_f = spec
+    real, fake = offset_batches(t_r, t_f, device)
 
     def forward(net):
         real_logits, fake_logits = net(real), net(fake)
         return (*lsgan(real_logits, fake_logits), real_logits, fake_logits)
 
-    got = check_against_oracle(*run_both(OffsetD(), forward, normalized=normalized))
+    got = check_against_oracle(*run_both(OffsetD().to(device), forward, normalized=normalized))
     assert got == case, f"the test's logits hit case {got}, meant {case}"
 
 
@@ -312,19 +330,19 @@ HYPER = {
 }
 
 
+@on_aw_backends
 @pytest.mark.parametrize("normalized", [True, False], ids=["alg1", "alg2"])
 @pytest.mark.parametrize("spec", HYPER.values(), ids=HYPER.keys())
-def test_awloss_custom_hyperparameters(spec, normalized):
+def test_awloss_custom_hyperparameters(spec, normalized, device, backend):
     t_r, t_f, hyper, case = spec
-    base = rand(8, 2, seed=3, scale=0.1) + 1.0
-    real = torch.cat((base, torch.full((8, 1), t_r, dtype=F64)), 1)
-    fake = torch.cat((base, torch.full((8, 1), t_f, dtype=F64)), 1)
+    real, fake = offset_batches(t_r, t_f, device)
 
     def forward(net):
         real_logits, fake_logits = net(real), net(fake)
         return (*lsgan(real_logits, fake_logits), real_logits, fake_logits)
 
-    got = check_against_oracle(*run_both(OffsetD(), forward, normalized=normalized, **hyper))
+    got = check_against_oracle(*run_both(OffsetD().to(device), forward, normalized=normalized,
+                                         **hyper))
     assert got == case, f"the test's logits hit case {got}, meant {case}"
 
 
@@ -336,13 +354,14 @@ NETS = {
 }
 
 
+@on_aw_backends
 @pytest.mark.parametrize("normalized", [True, False], ids=["alg1", "alg2"])
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("net", NETS)
-def test_awloss_matches_official(net, loss, normalized):
+def test_awloss_matches_official(net, loss, normalized, device, backend):
     make_d, shape = NETS[net]
-    forward = sample_forward(LOSSES[loss], shape)
-    check_against_oracle(*run_both(make_d(), forward, normalized=normalized))
+    forward = sample_forward(LOSSES[loss], shape, device=device)
+    check_against_oracle(*run_both(make_d().to(device), forward, normalized=normalized))
 
 
 def test_alias_d_really_produces_shared_and_expanded_gradients():
@@ -353,8 +372,9 @@ def test_alias_d_really_produces_shared_and_expanded_gradients():
     assert g[3].stride() != D.t.stride() and g[3].t().is_contiguous()
 
 
-def test_awloss_frozen_unused_and_one_sided_parameters():
-    real, fake = rand(16, 2, seed=1), rand(16, 2, seed=2) + 1
+@on_aw_backends
+def test_awloss_frozen_unused_and_one_sided_parameters(device, backend):
+    real, fake = rand(16, 2, seed=1, device=device), rand(16, 2, seed=2, device=device) + 1
 
     def forward(net):
         real_logits, fake_logits = net(real, True), net(fake, False)
@@ -362,11 +382,12 @@ def test_awloss_frozen_unused_and_one_sided_parameters():
 
     def preset(net):
         net.frozen.weight.grad = sentinel  # a frozen parameter is not the scheme's business
-        net.unused.grad = torch.ones(3, dtype=F64)  # stale: gone, as after zero_grad()
+        # stale: gone, as after zero_grad()
+        net.unused.grad = torch.ones(3, dtype=F64, device=device)
 
-    sentinel = rand(8, 2, seed=9)
+    sentinel = rand(8, 2, seed=9, device=device)
     before = sentinel.clone()
-    D, D_oracle, aw, loss, expected = run_both(PartialD(), forward, preset=preset)
+    D, D_oracle, aw, loss, expected = run_both(PartialD().to(device), forward, preset=preset)
     check_against_oracle(D, D_oracle, aw, loss, expected)
     assert D.frozen.weight.grad is sentinel and torch.equal(sentinel, before)
     assert D.frozen.bias.grad is None
@@ -374,43 +395,46 @@ def test_awloss_frozen_unused_and_one_sided_parameters():
     assert D.real_only.grad is not None and D.fake_only.grad is not None
 
 
-def test_awloss_overwrites_previous_grad_in_place_or_replaces_it():
+@on_aw_backends
+def test_awloss_overwrites_previous_grad_in_place_or_replaces_it(device, backend):
     make_d, shape = NETS["conv"]
-    forward = sample_forward(bce, shape, seed=4)
+    forward = sample_forward(bce, shape, seed=4, device=device)
     olds = {}
 
     def preset(net):
         for i, p in enumerate(net.parameters()):
             # dense stale gradients are overwritten in place; an expanded one is replaced
-            p.grad = torch.full((), 7.0, dtype=F64).expand(p.shape) if i == 0 else rand(
-                *p.shape, seed=100 + i, scale=1e3)
+            p.grad = (torch.full((), 7.0, dtype=F64, device=device).expand(p.shape) if i == 0
+                      else rand(*p.shape, seed=100 + i, scale=1e3, device=device))
             olds[i] = p.grad
 
-    D, *rest = run_both(make_d(), forward, preset=preset)
+    D, *rest = run_both(make_d().to(device), forward, preset=preset)
     check_against_oracle(D, *rest)
     for i, p in enumerate(D.parameters()):
         assert (p.grad is olds[i]) == (i != 0), i
 
 
-def test_awloss_leaves_tensors_it_does_not_own_alone():
+@on_aw_backends
+def test_awloss_leaves_tensors_it_does_not_own_alone(device, backend):
     # p1's stale .grad is also p2's gradient: it is replaced, not written in place, so p2's
     # input is never overwritten (a fused kernel could read what it already wrote)
-    forward = sample_forward(bce, (16, 2))
+    forward = sample_forward(bce, (16, 2), device=device)
 
     def preset(net):
         net.p1.grad = net.given
 
-    D, *rest = run_both(HandsD(), forward, preset=preset)
+    D, *rest = run_both(HandsD().to(device), forward, preset=preset)
     given = D.given.clone()
     check_against_oracle(D, *rest)
     assert D.p1.grad is not D.given and D.p2.grad is not D.given
     assert torch.equal(D.given, given)
 
 
-def test_awloss_does_not_write_into_a_gradient_a_hook_kept():
-    forward = sample_forward(hinge, (16, 2))
+@on_aw_backends
+def test_awloss_does_not_write_into_a_gradient_a_hook_kept(device, backend):
+    forward = sample_forward(hinge, (16, 2), device=device)
     kept = []
-    D = mlp(2, 1)
+    D = mlp(2, 1).to(device)
     D[0].weight.register_hook(lambda g: kept.append((g, g.clone())))
     check_against_oracle(*run_both(D, forward))
     assert len(kept) == 2
@@ -418,10 +442,11 @@ def test_awloss_does_not_write_into_a_gradient_a_hook_kept():
         assert torch.equal(g, value)
 
 
-def test_awloss_replaces_a_stale_grad_that_is_part_of_a_graph():
+@on_aw_backends
+def test_awloss_replaces_a_stale_grad_that_is_part_of_a_graph(device, backend):
     # a .grad from create_graph=True has a grad_fn; writing into it would keep that
     # graph alive and make the new .grad differentiable
-    forward = sample_forward(bce, (16, 2))
+    forward = sample_forward(bce, (16, 2), device=device)
 
     def preset(net):
         params = list(net.parameters())
@@ -430,7 +455,7 @@ def test_awloss_replaces_a_stale_grad_that_is_part_of_a_graph():
             p.grad = g
         assert all(p.grad.requires_grad for p in net.parameters())
 
-    D, *rest = run_both(mlp(2, 1), forward, preset=preset)
+    D, *rest = run_both(mlp(2, 1).to(device), forward, preset=preset)
     check_against_oracle(D, *rest)
     for p in D.parameters():
         assert not p.grad.requires_grad and p.grad.grad_fn is None
@@ -450,9 +475,10 @@ class MixedD(nn.Module):
         return self.b(nnf.leaky_relu(self.a(x.float()), 0.2).double())
 
 
-def test_awloss_mixed_dtypes():
-    forward = sample_forward(bce, (16, 2))
-    D, D_oracle, aw, loss, expected = run_both(MixedD(), forward)
+@on_aw_backends
+def test_awloss_mixed_dtypes(device, backend):
+    forward = sample_forward(bce, (16, 2), device=device)
+    D, D_oracle, aw, loss, expected = run_both(MixedD().to(device), forward)
     assert aw.last_weights[0].dtype == F64
     _, e_r, e_f, e_case = expected
     assert int(aw.last_case) == e_case
@@ -464,21 +490,24 @@ def test_awloss_mixed_dtypes():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_awloss_one_forward_on_concatenated_batch():
+@on_aw_backends
+def test_awloss_one_forward_on_concatenated_batch(device, backend):
     # Real and fake logits from one forward: the losses share the graph, the first pass keeps it.
-    real, fake = rand(16, 2, seed=1), rand(16, 2, seed=2) + 1
+    real, fake = rand(16, 2, seed=1, device=device), rand(16, 2, seed=2, device=device) + 1
 
     def forward(net):
         logits = net(torch.cat((real, fake)))
         real_logits, fake_logits = logits[:16], logits[16:]
         return (*hinge(real_logits, fake_logits), real_logits, fake_logits)
 
-    check_against_oracle(*run_both(mlp(2, 1), forward))
+    check_against_oracle(*run_both(mlp(2, 1).to(device), forward))
 
 
-def test_awloss_frees_the_graphs_like_backward():
-    D = mlp(2, 1)
-    real_logits, fake_logits = D(rand(8, 2, seed=1)), D(rand(8, 2, seed=2))
+@on_aw_backends
+def test_awloss_frees_the_graphs_like_backward(device, backend):
+    D = mlp(2, 1).to(device)
+    real_logits = D(rand(8, 2, seed=1, device=device))
+    fake_logits = D(rand(8, 2, seed=2, device=device))
     loss_real, loss_fake = bce(real_logits, fake_logits)
     AWLoss(D).backward(loss_real, loss_fake, real_logits, fake_logits)
     for loss in (loss_real, loss_fake):
@@ -486,12 +515,13 @@ def test_awloss_frees_the_graphs_like_backward():
             loss.backward()
 
 
-def test_awloss_training_loop_matches_official():
+@on_aw_backends
+def test_awloss_training_loop_matches_official(device, backend):
     """Three Adam steps: the .grad tensors AWLoss leaves behind are reused in the next step."""
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(16, 2, generator=gen, dtype=F64),
-                torch.randn(16, 2, generator=gen, dtype=F64) + 1) for _ in range(3)]
-    D, D_oracle = mlp(2, 1), mlp(2, 1)
+    batches = [(torch.randn(16, 2, generator=gen, dtype=F64).to(device),
+                torch.randn(16, 2, generator=gen, dtype=F64).to(device) + 1) for _ in range(3)]
+    D, D_oracle = mlp(2, 1).to(device), mlp(2, 1).to(device)
     opt, opt_oracle = (torch.optim.Adam(d.parameters(), lr=1e-2) for d in (D, D_oracle))
     aw = AWLoss(D)
     for real, fake in batches:
@@ -507,11 +537,12 @@ def test_awloss_training_loop_matches_official():
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
+@on_aw_backends
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_awloss_half_precision_discriminator(dtype):
+def test_awloss_half_precision_discriminator(dtype, device, backend):
     # float32 inner products and weights, one rounding of the combined gradient to dtype
-    forward = sample_forward(bce, (32, 2), dtype=dtype)
-    D, D_oracle, aw, loss, expected = run_both(mlp(2, 1).to(dtype), forward)
+    forward = sample_forward(bce, (32, 2), dtype=dtype, device=device)
+    D, D_oracle, aw, loss, expected = run_both(mlp(2, 1).to(dtype).to(device), forward)
     assert aw.last_weights[0].dtype == torch.float32 and loss.dtype == dtype
     assert int(aw.last_case) == expected[3]
     for p, q in zip(D.parameters(), D_oracle.parameters()):
@@ -519,21 +550,23 @@ def test_awloss_half_precision_discriminator(dtype):
     assert_own_grads(D)
 
 
-def test_awloss_results_are_device_tensors_and_loss_dtype():
-    D = mlp(2, 1).float()
-    real_logits = D(rand(8, 2, seed=1).float())
-    fake_logits = D(rand(8, 2, seed=2).float())
+@on_aw_backends
+def test_awloss_results_are_device_tensors_and_loss_dtype(device, backend):
+    D = mlp(2, 1).float().to(device)
+    real_logits = D(rand(8, 2, seed=1, device=device).float())
+    fake_logits = D(rand(8, 2, seed=2, device=device).float())
     aw = AWLoss(D)
     assert aw.last_weights is None and aw.last_case is None
     loss = aw.backward(*hinge(real_logits, fake_logits), real_logits, fake_logits)
     assert loss.dtype == torch.float32 and loss.shape == ()
     w_r, w_f = aw.last_weights
     for t in (w_r, w_f, aw.last_case):
-        assert isinstance(t, torch.Tensor) and t.shape == () and t.device.type == "cpu"
+        assert isinstance(t, torch.Tensor) and t.shape == () and t.device.type == device
     assert aw.last_case.dtype == torch.int64 and w_r.dtype == torch.float32
     assert "normalized=True" in repr(aw)
     # one-element losses of shape (1,), as backward() accepts them: the result is 0-d
-    real_logits, fake_logits = D(rand(8, 2, seed=3).float()), D(rand(8, 2, seed=4).float())
+    real_logits = D(rand(8, 2, seed=3, device=device).float())
+    fake_logits = D(rand(8, 2, seed=4, device=device).float())
     loss_real, loss_fake = hinge(real_logits, fake_logits)
     loss = aw.backward(loss_real.reshape(1), loss_fake.reshape(1, 1), real_logits, fake_logits)
     w_r, w_f = aw.last_weights
@@ -654,23 +687,25 @@ def wgan(D, real, fake):
 BRC_LOSSES = {"vgan": vgan, "wgan": wgan}
 
 
-def brc_setup(net, seed=0):
+def brc_setup(net, seed=0, device="cpu"):
     make_g, make_d, real_shape, z_shape = BRC_NETS[net]
-    G, D = make_g(), make_d()
-    real, z = rand(*real_shape, seed=seed), rand(*z_shape, seed=seed + 1)
+    G, D = make_g().to(device), make_d().to(device)
+    real = rand(*real_shape, seed=seed, device=device)
+    z = rand(*z_shape, seed=seed + 1, device=device)
     return G, D, real, z
 
 
+@on_brc_backends
 @pytest.mark.parametrize("loss", BRC_LOSSES)
 @pytest.mark.parametrize("net", BRC_NETS)
-def test_brc_matches_separate_autograd_calls(net, loss):
-    G, D, real, z = brc_setup(net)
+def test_brc_matches_separate_autograd_calls(net, loss, device, backend):
+    G, D, real, z = brc_setup(net, device=device)
     e_r, expected = brc_oracle(G, D, *BRC_LOSSES[loss](D, real, G(z)))
     # stale discriminator gradients: must come back untouched (same tensors, same values)
     sentinels = {}
     for i, p in enumerate(D.parameters()):
         if i % 2 == 0:
-            sentinels[i] = p.grad = rand(*p.shape, seed=50 + i)
+            sentinels[i] = p.grad = rand(*p.shape, seed=50 + i, device=device)
     before = {i: t.clone() for i, t in sentinels.items()}
     brc = BRC(G, D)
     assert brc.last_ratio is None and repr(brc) == "BRC(eps=1e-12)"
@@ -688,9 +723,10 @@ def test_brc_matches_separate_autograd_calls(net, loss):
             assert p.grad is None
 
 
-def test_brc_matches_specs_three_pass_evaluation():
+@on_brc_backends
+def test_brc_matches_specs_three_pass_evaluation(device, backend):
     # SPEC §5: dF/dD and df/dD stopping at D, r, then one backward of F - r f into G only.
-    G, D, real, z = brc_setup("mlp", seed=3)
+    G, D, real, z = brc_setup("mlp", seed=3, device=device)
     F, f = vgan(D, real, G(z))
     p_d = list(D.parameters())
     gf = torch.autograd.grad(f, p_d, retain_graph=True)
@@ -705,8 +741,9 @@ def test_brc_matches_specs_three_pass_evaluation():
         close(p.grad, e, "generator grad")
 
 
-def test_brc_pure_zero_sum_gives_r_minus_one_and_zero_gradient():
-    G, D, real, z = brc_setup("mlp", seed=1)
+@on_brc_backends
+def test_brc_pure_zero_sum_gives_r_minus_one_and_zero_gradient(device, backend):
+    G, D, real, z = brc_setup("mlp", seed=1, device=device)
     fake_logits = D(G(z))
     f = fake_logits.mean()  # no real term
     F = -fake_logits.mean()
@@ -724,9 +761,10 @@ def test_brc_pure_zero_sum_gives_r_minus_one_and_zero_gradient():
         assert p.grad.abs().max() <= 1e-9 * g.abs().max()
 
 
+@on_brc_backends
 @pytest.mark.parametrize("net", BRC_NETS)
-def test_brc_zero_sum_fake_term_scales_generator_gradient_by_one_plus_r(net):
-    G, D, real, z = brc_setup(net, seed=2)
+def test_brc_zero_sum_fake_term_scales_generator_gradient_by_one_plus_r(net, device, backend):
+    G, D, real, z = brc_setup(net, seed=2, device=device)
     e_r, _ = brc_oracle(G, D, *wgan(D, real, G(z)))
     F, _ = wgan(D, real, G(z))
     dF = torch.autograd.grad(F, list(G.parameters()))
@@ -737,8 +775,9 @@ def test_brc_zero_sum_fake_term_scales_generator_gradient_by_one_plus_r(net):
         close(p.grad, (1 + r) * g, "(1 + r) dF/dG")
 
 
-def test_brc_update_invariant_to_the_sign_of_f():
-    G, D, real, z = brc_setup("mlp", seed=4)
+@on_brc_backends
+def test_brc_update_invariant_to_the_sign_of_f(device, backend):
+    G, D, real, z = brc_setup("mlp", seed=4, device=device)
     r = BRC(G, D).backward(*vgan(D, real, G(z)))
     plus = [p.grad.clone() for p in G.parameters()]
     G.zero_grad()
@@ -749,12 +788,13 @@ def test_brc_update_invariant_to_the_sign_of_f():
         close(p.grad, e, "same update")
 
 
-def test_brc_accumulates_into_existing_generator_grad():
-    G, D, real, z = brc_setup("conv", seed=5)
+@on_brc_backends
+def test_brc_accumulates_into_existing_generator_grad(device, backend):
+    G, D, real, z = brc_setup("conv", seed=5, device=device)
     _, expected = brc_oracle(G, D, *vgan(D, real, G(z)))
-    olds = [rand(*p.shape, seed=70 + i) for i, p in enumerate(G.parameters())]
+    olds = [rand(*p.shape, seed=70 + i, device=device) for i, p in enumerate(G.parameters())]
     # a stale gradient that cannot take an in-place add (expanded) is replaced by the sum
-    olds[0] = torch.full((), 3.0, dtype=F64).expand(olds[0].shape)
+    olds[0] = torch.full((), 3.0, dtype=F64, device=device).expand(olds[0].shape)
     for p, o in zip(G.parameters(), olds):
         p.grad = o
     before = [o.clone() for o in olds]
@@ -765,8 +805,9 @@ def test_brc_accumulates_into_existing_generator_grad():
     assert_own_grads(G)
 
 
-def test_brc_stale_generator_grad_that_is_part_of_a_graph():
-    G, D, real, z = brc_setup("mlp", seed=6)
+@on_brc_backends
+def test_brc_stale_generator_grad_that_is_part_of_a_graph(device, backend):
+    G, D, real, z = brc_setup("mlp", seed=6, device=device)
     _, expected = brc_oracle(G, D, *vgan(D, real, G(z)))
     G.zero_grad()
     params = list(G.parameters())
@@ -809,11 +850,12 @@ def partial_losses(G, D, real, z):
     return F, f
 
 
-def test_brc_parameters_in_every_role():
-    G, D = PartialG(), PartialD(seed=3)
-    real, z = rand(16, 2, seed=8), rand(16, 4, seed=9)
+@on_brc_backends
+def test_brc_parameters_in_every_role(device, backend):
+    G, D = PartialG().to(device), PartialD(seed=3).to(device)
+    real, z = rand(16, 2, seed=8, device=device), rand(16, 4, seed=9, device=device)
     e_r, expected = brc_oracle(G, D, *partial_losses(G, D, real, z))
-    G.unused.grad = stale = rand(3, seed=10)
+    G.unused.grad = stale = rand(3, seed=10, device=device)
     stale_copy = stale.clone()
     r = BRC(G, D).backward(*partial_losses(G, D, real, z))
     close(r, torch.tensor(e_r, dtype=F64), "r")
@@ -829,9 +871,11 @@ def test_brc_parameters_in_every_role():
     assert all(p.grad is None for p in D.parameters())
 
 
-def test_brc_leaves_tensors_it_does_not_own_alone():
-    G, D = HandsD(), mlp(1, 1, seed=3)  # G maps a (B, 2) batch to (B, 1) "samples"
-    real, z = rand(16, 1, seed=1), rand(16, 2, seed=2)
+@on_brc_backends
+def test_brc_leaves_tensors_it_does_not_own_alone(device, backend):
+    G = HandsD().to(device)  # G maps a (B, 2) batch to (B, 1) "samples"
+    D = mlp(1, 1, seed=3).to(device)
+    real, z = rand(16, 1, seed=1, device=device), rand(16, 2, seed=2, device=device)
     _, expected = brc_oracle(G, D, *vgan(D, real, G(z)))
     given = G.given.clone()
     G.p1.grad = G.given  # a stale .grad that is also p2's gradient in both passes
@@ -846,9 +890,10 @@ def test_brc_leaves_tensors_it_does_not_own_alone():
     assert_own_grads(G)
 
 
-def test_brc_mixed_dtype_discriminator():
-    G, D = mlp(4, 2, seed=1), MixedD()
-    real, z = rand(16, 2), rand(16, 4, seed=1)
+@on_brc_backends
+def test_brc_mixed_dtype_discriminator(device, backend):
+    G, D = mlp(4, 2, seed=1).to(device), MixedD().to(device)
+    real, z = rand(16, 2, device=device), rand(16, 4, seed=1, device=device)
     e_r, expected = brc_oracle(G, D, *vgan(D, real, G(z)))
     r = BRC(G, D).backward(*vgan(D, real, G(z)))
     assert r.dtype == F64

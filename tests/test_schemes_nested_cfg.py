@@ -1,6 +1,12 @@
 """nested_schedule / NestedTrainer (SPEC §2), AnnealedCFG (SPEC §1) and NATS Technique 1
 (SPEC §3) against oracles written here: hand-written nested loops, a naive CFG loop in the
-official code's style, torch.cdist + torch.median."""
+official code's style, torch.cdist + torch.median.
+
+Every test that reaches an op (NestedTrainer's accumulate mode: cfg_accumulate_list; AnnealedCFG:
+cfg_step_; initial_weight_distances: median_pairwise_distance) runs once per backend that
+implements it (``helpers.cases``), so the reference kernels are checked here too and not only the
+one ``auto`` picks. The schedule, the loss and lr modes (no op), argument checks and presets run
+once."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cases
 from torch import nn
 
 import nats_kernels as nk
@@ -24,6 +31,14 @@ from nats_kernels.schemes import (
 
 # Tiny models: a 2-thread pool only adds waiting (see conftest.threads).
 pytestmark = pytest.mark.single_thread
+
+# (device, backend) pairs of the ops each scheme calls.
+on_accumulate_backends = pytest.mark.parametrize("device,backend", cases("cfg_accumulate_list"))
+on_cfg_backends = pytest.mark.parametrize("device,backend", cases("cfg_step_"))
+on_cfg_aw_backends = pytest.mark.parametrize(
+    "device,backend", cases("cfg_step_", "multi_dot", "aw_weights", "aw_combine_"))
+on_median_backends = pytest.mark.parametrize(
+    "device,backend", cases("median_pairwise_distance"))
 
 # ------------------------------------------------------------------------------ nested_schedule
 
@@ -106,20 +121,22 @@ def test_schedule_bad_input_raises_at_call(args, kwargs, err, match):
 class TinyGAN:
     """A 2-D toy GAN with fixed data: G, D linear-ish, separate seeds for each z draw."""
 
-    def __init__(self, seed=0, dtype=torch.float64, extra_param=False):
+    def __init__(self, seed=0, dtype=torch.float64, extra_param=False, device="cpu"):
         torch.manual_seed(seed)
         self.G = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
         if extra_param:  # a parameter that no loss reaches
             self.G.unused = nn.Parameter(torch.ones(4, dtype=dtype))
         self.D = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
-        self.dtype = dtype
-        self.gen = torch.Generator().manual_seed(seed + 100)
+        self.G.to(device)
+        self.D.to(device)
+        self.dtype, self.device = dtype, device
+        self.gen = torch.Generator().manual_seed(seed + 100)  # draws on the CPU, then moved
 
     def z(self):
-        return torch.randn(16, 3, generator=self.gen, dtype=self.dtype)
+        return torch.randn(16, 3, generator=self.gen, dtype=self.dtype).to(self.device)
 
     def real(self):
-        return torch.randn(16, 2, generator=self.gen, dtype=self.dtype) + 2
+        return (torch.randn(16, 2, generator=self.gen, dtype=self.dtype) + 2).to(self.device)
 
     def d_loss(self):
         fake = self.G(self.z()).detach()
@@ -264,8 +281,9 @@ class RecordingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
+@on_accumulate_backends
 @pytest.mark.parametrize("weights", [None, [1.0, 0.1, 0.01], "tensor"])
-def test_trainer_accumulate_mode_equals_hand_summed_gradients(weights):
+def test_trainer_accumulate_mode_equals_hand_summed_gradients(weights, device, backend):
     n_d = 3
     if weights == "tensor":
         weights = nk.annealed_weights(2.0, 0.2, n_d, dtype=torch.float64)
@@ -273,7 +291,7 @@ def test_trainer_accumulate_mode_equals_hand_summed_gradients(weights):
 
     # Oracle: per block, j losses at the same G, each backward on its own, summed by hand in
     # float64 with the weights; one SGD step with the sum.
-    a = TinyGAN(extra_param=True)
+    a = TinyGAN(extra_param=True, device=device)
     opt_da = torch.optim.SGD(a.D.parameters(), lr=0.1)
     g_params = list(a.G.parameters())
     expected_grads = []
@@ -294,7 +312,7 @@ def test_trainer_accumulate_mode_equals_hand_summed_gradients(weights):
             for t, p in zip(total, g_params):
                 p -= 0.05 * t
 
-    b = TinyGAN(extra_param=True)
+    b = TinyGAN(extra_param=True, device=device)
     opt_db = torch.optim.SGD(b.D.parameters(), lr=0.1)
     opt_gb = RecordingSGD(b.G.parameters(), lr=0.05)
     trainer = NestedTrainer(_d_step(b, opt_db), b.g_loss, n_d=n_d, weights=weights,
@@ -314,13 +332,15 @@ def test_trainer_accumulate_mode_equals_hand_summed_gradients(weights):
         torch.testing.assert_close(pb, pa, rtol=1e-12, atol=1e-14)
 
 
-def test_trainer_accumulate_mode_partial_reach_and_generator_params():
+@on_accumulate_backends
+def test_trainer_accumulate_mode_partial_reach_and_generator_params(device, backend):
     # A parameter reached by only some of a block's losses gets the weighted sum of those.
     torch.manual_seed(0)
     G = nn.Linear(2, 2).double()
-    extra = nn.Parameter(torch.tensor([1.5], dtype=torch.float64))
-    G.extra = extra
-    x = torch.randn(5, 2, dtype=torch.float64)
+    G.extra = nn.Parameter(torch.tensor([1.5], dtype=torch.float64))
+    G.to(device)
+    extra = G.extra
+    x = torch.randn(5, 2, dtype=torch.float64).to(device)
     calls = []
 
     def g_step():
@@ -335,9 +355,11 @@ def test_trainer_accumulate_mode_partial_reach_and_generator_params():
     # extra is reached by even calls: block 2 call 2 (w=1), block 3 calls 4 (w=1), 6 (w=100).
     g_extra = [s[2] for s in opt.seen]
     assert g_extra[0] is None
-    torch.testing.assert_close(g_extra[1], torch.tensor([1.0 * 2 * 1.5 * 2], dtype=torch.float64))
     torch.testing.assert_close(
-        g_extra[2], torch.tensor([1.0 * 2 * 1.5 * 4 + 100.0 * 2 * 1.5 * 6], dtype=torch.float64)
+        g_extra[1], torch.tensor([1.0 * 2 * 1.5 * 2], dtype=torch.float64, device=device))
+    torch.testing.assert_close(
+        g_extra[2], torch.tensor([1.0 * 2 * 1.5 * 4 + 100.0 * 2 * 1.5 * 6], dtype=torch.float64,
+                                 device=device)
     )
 
 
@@ -379,9 +401,10 @@ def _mlp_d():
     return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).to(DT)
 
 
-def _real_batches(count, seed=7, rows=12):
+def _real_batches(count, seed=7, rows=12, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(rows, 2, generator=gen, dtype=DT) * 0.3 + 1.0 for _ in range(count)]
+    return [(torch.randn(rows, 2, generator=gen, dtype=DT) * 0.3 + 1.0).to(device)
+            for _ in range(count)]
 
 
 class NaiveCFG:
@@ -389,14 +412,16 @@ class NaiveCFG:
     ``fake.data += eta * w * fake.grad.data`` after ``d_out.backward(ones_like(d_out))``, the
     loss as ``log(1 + exp(.))``, per-batch ``float(loss)`` for the lr rule."""
 
-    def __init__(self, G, D, *, M, eta, w, U, N, x_epochs, lr, bs, scale, decay, redmax, seed):
+    def __init__(self, G, D, *, M, eta, w, U, N, x_epochs, lr, bs, scale, decay, redmax, seed,
+                 device="cpu"):
         self.G, self.D = G, D
         self.M, self.eta, self.w, self.U, self.N = M, eta, [float(x) for x in w], U, N
         self.x_epochs, self.lr, self.bs, self.scale = x_epochs, lr, bs, scale
         self.decay, self.redmax = decay, redmax
         self.snaps = [copy.deepcopy(D) for _ in range(M)]
         self.opt_d = torch.optim.RMSprop(D.parameters(), lr=lr, alpha=0.95, eps=1e-18)
-        self.rng = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.rng = torch.Generator(device).manual_seed(seed)
         self.reductions = 0
         self.it = None
 
@@ -410,7 +435,7 @@ class NaiveCFG:
             return next(self.it)
 
     def gen(self, num, t):
-        z = torch.randn(num, Z, generator=self.rng, dtype=DT)
+        z = torch.randn(num, Z, generator=self.rng, dtype=DT, device=self.device)
         self.G.eval()
         with torch.no_grad():
             fake = self.G(z)
@@ -448,7 +473,7 @@ class NaiveCFG:
         opt = torch.optim.RMSprop(self.G.parameters(), lr=self.lr, alpha=0.95, eps=1e-18)
         last, red = 99999999.0, 0
         for _ in range(self.x_epochs):
-            perm = torch.randperm(self.N, generator=self.rng)
+            perm = torch.randperm(self.N, generator=self.rng, device=self.device)
             losses = []
             for start in range(0, self.N, self.bs):
                 idx = perm[start:start + self.bs]
@@ -469,17 +494,17 @@ class NaiveCFG:
 CFG_ARGS = dict(M=3, eta=0.4, U=2, N=20, x_epochs=4, batch_size=8)
 
 
-def _pair(scale="kl", lr=2e-3, decay=0.1, redmax=3, weights="annealed"):
+def _pair(scale="kl", lr=2e-3, decay=0.1, redmax=3, weights="annealed", device="cpu"):
     torch.manual_seed(3)
-    G, D = _mlp_g(), _mlp_d()
+    G, D = _mlp_g().to(device), _mlp_d().to(device)
     w = nk.annealed_weights(1.0, 0.01, 3, dtype=DT) if weights == "annealed" else weights
     cfg = AnnealedCFG(copy.deepcopy(G), copy.deepcopy(D), weights=w, lr=lr, z_dim=Z,
                       scale=scale, approx_decay=decay, approx_redmax=redmax,
-                      rng=torch.Generator().manual_seed(11), **CFG_ARGS)
+                      rng=torch.Generator(device).manual_seed(11), **CFG_ARGS)
     a = CFG_ARGS
     naive = NaiveCFG(G, D, M=a["M"], eta=a["eta"], w=torch.ones(3) if w is None else w,
                      U=a["U"], N=a["N"], x_epochs=a["x_epochs"], lr=lr, bs=a["batch_size"],
-                     scale=scale, decay=decay, redmax=redmax, seed=11)
+                     scale=scale, decay=decay, redmax=redmax, seed=11, device=device)
     return cfg, naive
 
 
@@ -489,10 +514,12 @@ def _close_modules(m1, m2, what):
                                    msg=lambda m, name=name: f"{what}.{name}: {m}")
 
 
+@on_cfg_backends
 @pytest.mark.parametrize("scale,lr", [("kl", 2e-3), ("logd", 5e-2), ("js", 2e-3)])
-def test_annealed_cfg_two_stages_match_naive_loop(scale, lr):
-    cfg, naive = _pair(scale=scale, lr=lr)
-    data = _real_batches(CFG_ARGS["M"] * CFG_ARGS["U"] + 2)  # stage 2 wraps around the list
+def test_annealed_cfg_two_stages_match_naive_loop(scale, lr, device, backend):
+    cfg, naive = _pair(scale=scale, lr=lr, device=device)
+    # stage 2 wraps around the list
+    data = _real_batches(CFG_ARGS["M"] * CFG_ARGS["U"] + 2, device=device)
     for _ in range(2):
         cfg.train_stage(data)
         naive.stage(data)
@@ -508,15 +535,16 @@ def test_annealed_cfg_two_stages_match_naive_loop(scale, lr):
         assert naive.reductions > 0
     x = cfg.generate(9)
     y, _ = naive.gen(9, 3)
-    assert x.shape == (9, 2) and x.dtype == DT and x.device.type == "cpu"
+    assert x.shape == (9, 2) and x.dtype == DT and x.device.type == device
     assert not x.requires_grad and cfg.generator.training
     torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11)
 
 
-def test_annealed_cfg_plain_weights_none_equals_ones_and_lr_rule_off():
-    cfg_none, naive = _pair(weights=None, decay=0.0)
-    cfg_ones, _ = _pair(weights=[1.0, 1.0, 1.0], decay=0.0)
-    data = _real_batches(6)
+@on_cfg_backends
+def test_annealed_cfg_plain_weights_none_equals_ones_and_lr_rule_off(device, backend):
+    cfg_none, naive = _pair(weights=None, decay=0.0, device=device)
+    cfg_ones, _ = _pair(weights=[1.0, 1.0, 1.0], decay=0.0, device=device)
+    data = _real_batches(6, device=device)
     cfg_none.train_stage(data)
     cfg_ones.train_stage(iter(data))  # a one-shot iterator of exactly M * U batches is enough
     naive.stage(data)
@@ -525,10 +553,11 @@ def test_annealed_cfg_plain_weights_none_equals_ones_and_lr_rule_off():
     assert cfg_none.last_approx_loss.dim() == 0 and cfg_none.last_d_loss.dim() == 0
 
 
-def test_annealed_cfg_d_backward_hook():
+@on_cfg_aw_backends
+def test_annealed_cfg_d_backward_hook(device, backend):
     """d_backward gets D's two logistic terms and the logits of each step; one that reproduces
     the default backward reproduces the default stage, and AWLoss.backward plugs in."""
-    cfg, naive = _pair()
+    cfg, naive = _pair(device=device)
     seen = []
 
     def plain(loss_real, loss_fake, real_logits, fake_logits):
@@ -540,14 +569,14 @@ def test_annealed_cfg_d_backward_hook():
         return loss.detach()
 
     cfg.d_backward = plain
-    data = _real_batches(CFG_ARGS["M"] * CFG_ARGS["U"])
+    data = _real_batches(CFG_ARGS["M"] * CFG_ARGS["U"], device=device)
     cfg.train_stage(data)
     naive.stage(data)
     assert seen == [12] * (CFG_ARGS["M"] * CFG_ARGS["U"])
     _close_modules(cfg.generator, naive.G, "G")
     _close_modules(cfg.discriminator, naive.D, "D")
 
-    aw_cfg, _ = _pair()
+    aw_cfg, _ = _pair(device=device)
     aw = AWLoss(aw_cfg.discriminator)
     aw_cfg.d_backward = aw.backward
     aw_cfg.train_stage(data)
@@ -557,16 +586,18 @@ def test_annealed_cfg_d_backward_hook():
         AnnealedCFG(_mlp_g(), _mlp_d(), M=2, eta=1.0, weights=None, z_dim=Z, d_backward=3)
 
 
-def test_annealed_cfg_generate_batches_and_state_dict_round_trip():
-    cfg, _ = _pair()
-    data = _real_batches(8)
+@on_cfg_backends
+def test_annealed_cfg_generate_batches_and_state_dict_round_trip(device, backend):
+    cfg, _ = _pair(device=device)
+    data = _real_batches(8, device=device)
     cfg.train_stage(data)
     state = copy.deepcopy(cfg.state_dict())
     assert state["stage"] == 1 and len(state["snapshots"]) == 3
 
     torch.manual_seed(99)  # other initial weights, to be overwritten
-    other = AnnealedCFG(_mlp_g(), _mlp_d(), weights=[5.0, 4.0, 3.0], lr=2e-3, z_dim=Z,
-                        rng=torch.Generator().manual_seed(11), **{**CFG_ARGS, "eta": 1.0})
+    other = AnnealedCFG(_mlp_g().to(device), _mlp_d().to(device), weights=[5.0, 4.0, 3.0],
+                        lr=2e-3, z_dim=Z, rng=torch.Generator(device).manual_seed(11),
+                        **{**CFG_ARGS, "eta": 1.0})
     other.load_state_dict(state)
     assert other.stage == 1 and other.eta == cfg.eta
     torch.testing.assert_close(other.weights, cfg.weights)
@@ -579,7 +610,7 @@ def test_annealed_cfg_generate_batches_and_state_dict_round_trip():
     torch.testing.assert_close(other.generate(10, batch_size=4), x, rtol=0, atol=0)
     # One more stage from identical states (incl. D's RMSprop state) stays identical. The
     # position in the data is the caller's: both get a new list.
-    more = _real_batches(6, seed=8)
+    more = _real_batches(6, seed=8, device=device)
     cfg.train_stage(more)
     other.train_stage(more)
     _close_modules(other.generator, cfg.generator, "G")
@@ -625,10 +656,11 @@ def test_annealed_cfg_bad_input():
 # ------------------------------------------------------------------------ Technique 1 / presets
 
 
-def test_initial_weight_distances_match_cdist_median():
+@on_median_backends
+def test_initial_weight_distances_match_cdist_median(device, backend):
     gen = torch.Generator().manual_seed(0)
-    real = torch.randn(37, 3, 2, 2, generator=gen, dtype=torch.float64)  # image-shaped
-    fake = 0.5 * torch.randn(23, 3, 2, 2, generator=gen, dtype=torch.float64) + 1.0
+    real = torch.randn(37, 3, 2, 2, generator=gen, dtype=torch.float64).to(device)  # image-shaped
+    fake = (0.5 * torch.randn(23, 3, 2, 2, generator=gen, dtype=torch.float64) + 1.0).to(device)
     d1, d2 = initial_weight_distances(real, fake)
     full = torch.cdist(real.flatten(1), real.flatten(1))
     iu = torch.triu_indices(37, 37, offset=1)
