@@ -64,8 +64,9 @@ def number(name: str, v) -> float:
 def scalar(name: str, v, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A per-step scalar: a Python number or a 0-d floating tensor on ``device``.
 
-    Numbers become 0-d tensors by a fill on ``device`` (no host-to-device copy, capturable in a
-    CUDA graph); 0-d tensors pass through untouched, their value is never read on the host.
+    Numbers must be finite (a NaN weight would silently turn every result into NaN) and become
+    0-d tensors by a fill on ``device`` (no host-to-device copy, capturable in a CUDA graph);
+    0-d tensors pass through untouched, their value is never read on the host (nor checked).
     """
     if isinstance(v, torch.Tensor):
         tensor(name, v)
@@ -73,7 +74,7 @@ def scalar(name: str, v, device: torch.device, dtype: torch.dtype) -> torch.Tens
             raise ValueError(f"{name} must be a number or a 0-d tensor, got shape {tuple(v.shape)}")
         same_device(device, **{name: v})
         return v
-    return torch.full((), number(name, v), dtype=dtype, device=device)
+    return torch.full((), finite(name, v), dtype=dtype, device=device)
 
 
 def tensor_list(name: str, seq, *, min_len: int = 1) -> list[torch.Tensor]:

@@ -183,3 +183,40 @@ def test_identity_generator_returns_the_z_it_drew():
     x, z = cfg.generate(3, return_z=True)
     assert not torch.equal(x, z)  # x moved, z is the untouched draw
     assert torch.equal(z, cfg.generator(z))
+
+
+# ------------------------------------------------------------------ per-step scalars
+
+_x, _g = torch.randn(4, 3), torch.randn(4, 3)
+NON_FINITE_SCALARS = [
+    ("eta", lambda v: nk.cfg_accumulate(_x, [_g], torch.ones(1), eta=v)),
+    ("eta", lambda v: nk.cfg_step_(_x.clone(), _g, 1.0, eta=v)),
+    ("weight", lambda v: nk.cfg_step_(_x.clone(), _g, v)),
+    ("w_r", lambda v: nk.aw_combine_([_x.clone()], [_g], [_g], v, 1.0)),
+    ("w_f", lambda v: nk.aw_combine_([_x.clone()], [_g], [_g], 1.0, v)),
+    ("r", lambda v: nk.iga_correction_([_x.clone()], [_g], v)),
+]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=str)
+@pytest.mark.parametrize("name, call", NON_FINITE_SCALARS,
+                         ids=[f"{n}-{i}" for i, (n, _) in enumerate(NON_FINITE_SCALARS)])
+def test_python_number_scalars_must_be_finite(name, call, value):
+    """A NaN weight given as a Python number would turn every result into NaN; a 0-d tensor is
+    not checked (its value stays on the device)."""
+    with pytest.raises(ValueError, match=f"{name} must be finite"):
+        call(value)
+    call(torch.tensor(value))
+
+
+def test_annealed_weights_bad_device_is_named():
+    with pytest.raises(ValueError, match="device: 'foo' is not a torch device"):
+        nk.annealed_weights(1.0, 0.01, 3, device="foo")
+
+
+def test_generator_failure_says_what_it_was_given():
+    cfg = _cfg(z_dim=5)  # G is Linear(2, 2): z of 5 features cannot go in
+    with pytest.raises(RuntimeError) as info:
+        cfg.generate(2)
+    assert "AnnealedCFG called the generator with z of shape (2, 5)" in "".join(
+        getattr(info.value, "__notes__", []))

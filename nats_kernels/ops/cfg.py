@@ -110,7 +110,13 @@ def annealed_weights(
             f"dtype {dtype} cannot hold the weights: they span [{lo:g}, {hi:g}], {dtype} holds "
             f"[{info.tiny * info.eps:g}, {info.max:g}] (ask for a wider dtype)"
         )
-    device = torch.device(device) if device is not None else torch.get_default_device()
+    if device is None:
+        device = torch.get_default_device()
+    else:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
     return _annealed_weights_op(first, last, int(M), device, dtype)
 
 
@@ -123,7 +129,7 @@ def _fold_eta(eta, weights: Tensor) -> tuple[float, Tensor]:
             raise ValueError(f"eta must be a number or a 0-d tensor, got shape {tuple(eta.shape)}")
         v.same_device(weights.device, eta=eta)
         return 1.0, weights * eta
-    return v.number("eta", eta), weights
+    return v.finite("eta", eta), weights
 
 
 def _check_scale(scale: Tensor | None, x: Tensor, x_name: str, expected_rows: tuple[int, ...]):
@@ -154,7 +160,7 @@ def cfg_accumulate(
         grads: a tensor ``(M, *x0.shape)`` or a list/tuple of M tensors shaped like ``x0``; same
             dtype and device as ``x0``. A list is read in place, never stacked.
         weights: ``(M,)`` floating tensor on ``x0``'s device, e.g. :func:`annealed_weights`.
-        eta: step size, a Python number or a 0-d floating tensor (kept on device).
+        eta: step size, a finite Python number or a 0-d floating tensor (kept on device).
         scale: optional ``(M, B)`` floating per-sample factors ``s_m`` (e.g. ``sigmoid(-D)``).
         out: optional tensor shaped like ``x0`` with its dtype and device to write into; it may
             be ``x0`` itself for an in-place update. Default: a new tensor.
@@ -222,7 +228,8 @@ def cfg_step_(
     Args:
         x: ``(B, ...)`` samples (any shape if ``scale`` is None), floating dtype; updated in place.
         grad: shaped like ``x``, same dtype and device.
-        weight, eta: Python numbers or 0-d floating tensors on ``x``'s device (kept on device).
+        weight, eta: finite Python numbers or 0-d floating tensors on ``x``'s device (kept on
+            device; a tensor's value is not checked).
         scale: optional ``(B,)`` floating per-sample factors.
 
     Returns:

@@ -280,6 +280,10 @@ class AnnealedCFG:
         try:
             with torch.no_grad():
                 x = g(z)
+        except Exception as e:  # the user's model failed: say what it was given
+            e.add_note(f"(AnnealedCFG called the generator with z of shape {tuple(z.shape)}, "
+                       f"dtype {z.dtype}: z_dim={self.z_shape}, z_dtype={self.z_dtype})")
+            raise
         finally:
             g.train(was_training)
         if not isinstance(x, Tensor):
