@@ -254,6 +254,27 @@ def test_train_bad_option_exits_2_before_creating_out(tmp_path, monkeypatch, cap
     assert not out.exists()
 
 
+def test_train_says_which_scheme_ignores_a_setting(tmp_path, monkeypatch, capsys):
+    """annealed-cfg does not read --lr-d/--lr-g/--n-d, cts not --n-d: a changed value is noted
+    on stderr (once per option) instead of being dropped without a word; defaults say nothing."""
+    import nats_kernels.train.cli as cli
+
+    monkeypatch.setattr(cli, "run", lambda cfg, progress=None: {
+        "dataset": cfg.dataset, "loss": cfg.loss, "scheme": cfg.scheme, "seed": cfg.seed,
+        "modes": 0, "n_modes": 8, "hq": 0.0, "js": 0.0, "fid": 0.0, "seconds_per_step": 0.0,
+        "samples": torch.zeros(4, 2)})
+    monkeypatch.setattr("nats_kernels.train.plot.plot_runs", lambda runs, path: path)
+    out = str(tmp_path / "out")
+    assert _train([*FAST, "--scheme", "annealed-cfg", "cts", "nats", "--lr-d", "1e-4",
+                   "--n-d", "3", "--out", out]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("nats-kernels train: note:") for line in err)
+    assert "--lr-d is not used by annealed-cfg (annealed-cfg trains both" in err[0]
+    assert "--n-d is not used by annealed-cfg, cts (no nesting)" in err[1]
+    assert _train([*FAST, "--scheme", "annealed-cfg", "--out", out]) == 0
+    assert "note" not in capsys.readouterr().err
+
+
 def test_train_device_without_gpu_exits_2(tmp_path, monkeypatch, capsys):
     _no_training(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .data import DATASETS
 from .losses import LOSSES
-from .runner import RunConfig, check_config, run
+from .runner import RunConfig, check_config, run, unused_settings
 
 DEFAULT_SCHEMES = ("cts", "nats", "cts+aw", "cts+brc")
 
@@ -105,6 +105,15 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"nats-kernels train: error: {_option_error(str(e))}", file=sys.stderr)
         return 2
+    # A setting changed from its default that a scheme does not read: say so, not silently.
+    default = RunConfig()
+    for name in ("lr_d", "lr_g", "n_d"):
+        ignoring = [sc for sc in args.scheme if name in unused_settings(sc)]
+        if ignoring and getattr(base, name) != getattr(default, name):
+            why = ("no nesting" if name == "n_d" else
+                   f"annealed-cfg trains both networks with RMSprop at lr {default.cfg_lr}")
+            print(f"nats-kernels train: note: {OPTIONS[name]} is not used by "
+                  f"{', '.join(ignoring)} ({why})", file=sys.stderr)
 
     from .plot import plot_runs, replaced_atomically
 

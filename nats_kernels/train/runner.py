@@ -62,6 +62,18 @@ class RunConfig:
     eval_samples: int = 512
 
 
+def unused_settings(scheme: str) -> tuple[str, ...]:
+    """The RunConfig settings a scheme does not read: annealed-cfg trains both networks with
+    the official algorithm's own optimizer and learning rate (cfg_lr) and has no nesting; cts
+    has no nesting either."""
+    base = scheme.split("+")[0]
+    if base == "annealed-cfg":
+        return ("lr_d", "lr_g", "n_d")
+    if base == "cts":
+        return ("n_d",)
+    return ()
+
+
 def parse_scheme(scheme: str) -> tuple[str, bool, bool]:
     """'nats+aw+brc' -> ('nats', True, True), with a clear error for anything else."""
     base, *mods = scheme.split("+")
