@@ -58,7 +58,10 @@ def number(name: str, v) -> float:
     """A hyperparameter: a Python number (not a tensor: it is configuration, not a device value)."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a Python number, got {type(v).__name__}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an int such as 10**400
+        raise ValueError(f"{name} is out of the float range, got {v}") from None
 
 
 def scalar(name: str, v, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -74,7 +77,7 @@ def scalar(name: str, v, device: torch.device, dtype: torch.dtype) -> torch.Tens
             raise ValueError(f"{name} must be a number or a 0-d tensor, got shape {tuple(v.shape)}")
         same_device(device, **{name: v})
         return v
-    return torch.full((), finite(name, v), dtype=dtype, device=device)
+    return torch.full((), finite(name, v, dtype=dtype), dtype=dtype, device=device)
 
 
 def tensor_list(name: str, seq, *, min_len: int = 1) -> list[torch.Tensor]:
@@ -122,18 +125,25 @@ def flag(name: str, value) -> bool:
     """A bool option: ``True`` or ``False`` only (a string such as "no" is not taken by its
     truthiness)."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
+        cls = type(value)
+        kind = cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"
+        raise TypeError(f"{name} must be a bool (True or False), got {kind}")
     return value
 
 
-def finite(name: str, value, *, minimum: float | None = None) -> float:
+def finite(name: str, value, *, minimum: float | None = None,
+           dtype: torch.dtype | None = None) -> float:
     """A hyperparameter that must be a finite Python number (NaN and +-inf rejected), at least
-    ``minimum`` when given."""
+    ``minimum`` when given, and within the range of ``dtype`` (the math type it is used in)
+    when given."""
     x = number(name, value)
     if not math.isfinite(x):
         raise ValueError(f"{name} must be finite, got {x}")
     if minimum is not None and x < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {x}")
+    if dtype is not None and abs(x) > torch.finfo(dtype).max:
+        raise ValueError(f"{name} = {x:g} is out of the range of {dtype}, the math type it is "
+                         f"used in (largest {torch.finfo(dtype).max:g})")
     return x
 
 
@@ -190,10 +200,26 @@ def out_arg(name: str, t: torch.Tensor) -> None:
 def inplace_list(name: str, ts: Sequence[torch.Tensor], *, out: bool = False) -> None:
     if not torch.is_grad_enabled():
         return
+    # Only a tensor that requires grad, or a view of one, can break a rule: find those first,
+    # without building names (gradients kept as views of one flat buffer all have a _base).
+    if not any(t.requires_grad or (t._base is not None and t._base.requires_grad) for t in ts):
+        return
     check = out_arg if out else inplace
     for i, t in enumerate(ts):
-        if t.requires_grad or t._base is not None:
-            check(f"{name}[{i}]", t)
+        check(f"{name}[{i}]", t)
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill their byte range exactly, in any order of
+    dimensions (contiguous, channels_last, transposed)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 _ptr = torch.Tensor.data_ptr
@@ -204,10 +230,10 @@ def disjoint_outputs(name: str, ts: Sequence[torch.Tensor]) -> None:
     """Refuse a list of written tensors in which two share memory (one tensor twice in ``out``,
     overlapping views of one buffer): a write-write conflict, whose result would depend on the
     order a kernel visits elements. (Inputs that overlap outputs are fine: every backend reads
-    them as they were before the call.) Decided from byte ranges for contiguous tensors, for
-    others only when they start at the same address (PyTorch's own check also gives up on
-    interleaved strided views). Metadata only; skipped while torch.compile traces (fake tensors
-    have no addresses)."""
+    them as they were before the call.) Decided from byte ranges for dense tensors (contiguous,
+    channels_last, transposed), for others only when they start at the same address (PyTorch's
+    own check also gives up on interleaved strided views). Metadata only; skipped while
+    torch.compile traces (fake tensors have no addresses)."""
     if len(ts) < 2 or torch.compiler.is_compiling() or ts[0].device.type == "meta":
         return
     try:
@@ -227,7 +253,7 @@ def disjoint_outputs(name: str, ts: Sequence[torch.Tensor]) -> None:
             if s2 == e2:
                 continue
             a, b = ts[i], ts[j]
-            if s2 == s or (a.is_contiguous() and b.is_contiguous()):
+            if s2 == s or (dense(a) and dense(b)):
                 i, j = min(i, j), max(i, j)
                 raise ValueError(f"{name}[{i}] and {name}[{j}] share memory; each tensor written "
                                  f"needs its own memory")

@@ -128,8 +128,9 @@ def _cfg(G=None, D=None, **kw):
 def test_train_stage_real_batches_of_the_wrong_feature_size():
     cfg = _cfg()
     before = [p.detach().clone() for p in cfg.discriminator.parameters()]
-    with pytest.raises(ValueError, match=r"real_batches yields samples of shape \(5,\) but the "
-                                         r"generator's samples have shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"real_batches yields samples of shape \(5,\) \(5 "
+                                         r"values\) but the generator's samples have shape "
+                                         r"\(2,\)"):
         cfg.train_stage([torch.randn(4, 5)])
     assert all(torch.equal(p, b) for p, b in zip(cfg.discriminator.parameters(), before))
 
@@ -220,3 +221,110 @@ def test_generator_failure_says_what_it_was_given():
         cfg.generate(2)
     assert "AnnealedCFG called the generator with z of shape (2, 5)" in "".join(
         getattr(info.value, "__notes__", []))
+
+
+# --------------------------------------------------------- found by review, pinned here
+
+
+def test_overlapping_dense_outputs_are_refused():
+    """A transposed (dense, not contiguous) view overlapping a contiguous one: byte ranges are
+    exact for dense tensors, so the overlap is seen (as PyTorch's own out= check sees it)."""
+    buf = torch.zeros(18)
+    a, b = buf[0:12].view(3, 4), buf[6:18].view(4, 3).t()
+    ones = torch.ones(3, 4)
+    with pytest.raises(ValueError, match=r"out\[0\] and out\[1\] share memory"):
+        nk.aw_combine_([a, b], [ones, ones], [ones, ones], 1.0, 1.0)
+    assert torch.equal(buf, torch.zeros(18))
+
+
+def test_views_of_a_leaf_requiring_grad_in_a_list_are_refused():
+    flat = torch.zeros(12, requires_grad=True)
+    g = [torch.ones(6), torch.ones(6)]
+    with pytest.raises(RuntimeError, match=r"out\[0\] is a view of a leaf tensor"):
+        nk.aw_combine_(list(flat.split(6)), g, g, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match=r"g_G\[0\] is a view of a leaf tensor"):
+        nk.iga_correction_(list(flat.split(6)), g, 1.0)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: nk.cfg_step_(_x.clone(), _g, 1.0, eta=1e39), "eta"),
+    (lambda: nk.cfg_accumulate(_x, [_g], torch.ones(1), eta=1e39), "eta"),
+    (lambda: nk.cfg_step_(_x.clone(), _g, 1e39), "weight"),
+    (lambda: nk.aw_combine_([_x.clone()], [_g], [_g], 1e39, 1.0), "w_r"),
+    (lambda: nk.iga_correction_([_x.clone()], [_g], -1e39), "r"),
+    (lambda: nk.aw_weights(torch.ones(3), torch.zeros(2), torch.zeros(2), eps=1e39), "eps"),
+])
+def test_python_scalars_beyond_the_math_type_are_named(call, name):
+    """float32 math cannot hold 1e39: refused with the name, not turned into inf."""
+    with pytest.raises(ValueError, match=f"{name} = .* is out of the range of torch.float32"):
+        call()
+
+
+def test_huge_python_int_is_named():
+    with pytest.raises(ValueError, match="eta is out of the float range"):
+        nk.cfg_step_(_x.clone(), _g, 1.0, eta=10**400)
+
+
+def test_numpy_bool_is_named_as_such():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match=r"squared must be a bool \(.*\), got numpy.bool"):
+        nk.median_pairwise_distance(torch.randn(4, 2), squared=np.bool_(True))
+
+
+def test_annealed_weights_refuse_only_what_rounds_to_inf_or_zero():
+    assert nk.annealed_weights(65510.0, 1.0, 3, dtype=torch.float16)[0] == 65504
+    assert nk.annealed_weights(1.0, 1e-45, 3, dtype=torch.float32)[-1] > 0
+    with pytest.raises(ValueError, match="cannot hold"):
+        nk.annealed_weights(65520.0, 1.0, 3, dtype=torch.float16)
+
+
+def test_train_stage_takes_another_layout_of_as_many_values():
+    """Images (B, 1, 2, 2) against generator samples (B, 4), a D that flattens: fine."""
+    D = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    cfg = _cfg(G=nn.Linear(2, 4), D=D)
+    cfg.train_stage([torch.randn(4, 1, 2, 2)] * 4)
+    assert cfg.stage == 1
+
+
+class IntoBuffer(nn.Module):
+    """A generator writing into a preallocated output (as with a CUDA-graph static output) and
+    keeping points as a plain attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.out = torch.zeros(64, 2)
+
+    def forward(self, z):
+        return torch.matmul(z, self.lin.weight.t(), out=self.out[: z.shape[0]])
+
+
+def test_generator_output_in_its_own_buffer_is_copied():
+    cfg = _cfg(G=IntoBuffer())
+    x = cfg.generate(8, batch_size=4)
+    assert not torch.equal(x[:4], x[4:])  # two batches, not the last one twice
+    z = cfg._z(4)
+    raw = torch.matmul(z, cfg.generator.lin.weight.t())
+    moved = cfg._move(cfg._g_eval(z), cfg.M)
+    assert torch.equal(cfg.generator.out[:4], raw) and not torch.equal(moved, raw)
+
+
+def test_nested_accumulate_replaces_a_grad_that_requires_grad():
+    """After backward(create_graph=True) a .grad is part of a graph: accumulate mode replaces it
+    (as AWLoss and BRC do) instead of refusing to write it."""
+    from nats_kernels.schemes import NestedTrainer
+
+    G = nn.Linear(2, 2)
+    (G(torch.randn(3, 2)) ** 2).sum().backward(create_graph=True)
+    assert G.weight.grad.requires_grad
+    trainer = NestedTrainer(lambda: None, lambda: G(torch.randn(8, 2)).pow(2).mean(), n_d=2,
+                            mode="accumulate", g_optimizer=torch.optim.SGD(G.parameters(), lr=0.01))
+    trainer.run_outer()
+    assert not G.weight.grad.requires_grad
+
+
+def test_run_config_cfg_lr_must_be_positive():
+    from nats_kernels.train.runner import RunConfig, check_config
+
+    with pytest.raises(ValueError, match="cfg_lr: expected a finite learning rate > 0"):
+        check_config(RunConfig(scheme="annealed-cfg", cfg_lr=0.0))

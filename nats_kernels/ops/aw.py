@@ -121,8 +121,10 @@ def aw_weights(
             raise ValueError(f"{name} must not be empty (its sigmoid mean decides the case)")
     if not isinstance(normalized, bool):
         raise TypeError(f"normalized must be a bool, got {type(normalized).__name__}")
-    hyper = [v.finite(n, x) for n, x in (("alpha1", alpha1), ("alpha2", alpha2), ("delta", delta))]
-    hyper.append(v.finite("eps", eps, minimum=0.0))
+    acc = v.acc_dtype(dots.dtype)
+    hyper = [v.finite(n, x, dtype=acc)
+             for n, x in (("alpha1", alpha1), ("alpha2", alpha2), ("delta", delta))]
+    hyper.append(v.finite("eps", eps, minimum=0.0, dtype=acc))
     return _aw_weights_op(dots, real_logits, fake_logits, normalized, *hyper)
 
 

@@ -105,7 +105,8 @@ def annealed_weights(
     # they would round to inf or to 0 (float16 tops out at 65504).
     info = torch.finfo(dtype)
     lo, hi = min(first, last), max(first, last)
-    if hi > info.max or lo < info.tiny * info.eps:
+    lo_r, hi_r = torch.tensor([lo, hi], dtype=torch.float64).to(dtype).tolist()  # host values
+    if math.isinf(hi_r) or lo_r == 0:
         raise ValueError(
             f"dtype {dtype} cannot hold the weights: they span [{lo:g}, {hi:g}], {dtype} holds "
             f"[{info.tiny * info.eps:g}, {info.max:g}] (ask for a wider dtype)"
@@ -120,7 +121,7 @@ def annealed_weights(
     return _annealed_weights_op(first, last, int(M), device, dtype)
 
 
-def _fold_eta(eta, weights: Tensor) -> tuple[float, Tensor]:
+def _fold_eta(eta, weights: Tensor, acc: torch.dtype) -> tuple[float, Tensor]:
     """Python eta goes to the kernel as a float; a 0-d tensor eta is folded into the weights on
     device (a tiny op on M values) so its value is never read on the host."""
     if isinstance(eta, Tensor):
@@ -129,7 +130,7 @@ def _fold_eta(eta, weights: Tensor) -> tuple[float, Tensor]:
             raise ValueError(f"eta must be a number or a 0-d tensor, got shape {tuple(eta.shape)}")
         v.same_device(weights.device, eta=eta)
         return 1.0, weights * eta
-    return v.finite("eta", eta), weights
+    return v.finite("eta", eta, dtype=acc), weights
 
 
 def _check_scale(scale: Tensor | None, x: Tensor, x_name: str, expected_rows: tuple[int, ...]):
@@ -202,7 +203,7 @@ def cfg_accumulate(
             v.shape(f"grads[{i}]", g, x0.shape)
         op = _cfg_accumulate_list_op
     _check_scale(scale, x0, "x0", (M,))
-    eta, weights = _fold_eta(eta, weights)
+    eta, weights = _fold_eta(eta, weights, v.acc_dtype(x0.dtype))
     if out is None:
         out = torch.empty_like(x0)
     else:
@@ -255,6 +256,6 @@ def cfg_step_(
     v.inplace("x", x)
     _check_scale(scale, x, "x", ())
     weight = v.scalar("weight", weight, device, v.acc_dtype(x.dtype))
-    eta, weight = _fold_eta(eta, weight)
+    eta, weight = _fold_eta(eta, weight, v.acc_dtype(x.dtype))
     _cfg_step_op(x, grad, weight, eta, scale)
     return x

@@ -270,10 +270,11 @@ class AnnealedCFG:
         return z if self.z_std == 1.0 else z * self.z_std
 
     def _g_eval(self, z: Tensor) -> Tensor:
-        """G(z) in eval mode, as a tensor the CFG steps may write in place: a generator output
-        that shares memory with ``z`` or with a parameter or buffer of G (e.g. ``nn.Identity``,
-        or a learnt point set returned as is) is copied first, so moving samples never changes
-        the model or the returned ``z``."""
+        """G(z) in eval mode, as a private copy the CFG steps may write in place: a generator
+        output may share memory with z, a parameter, a buffer, an attribute or a preallocated
+        output buffer (e.g. ``nn.Identity``, a learnt point set returned as is, a CUDA-graph
+        static output), and moving samples must change none of them. One batch copy, next to
+        the M forward/backward passes of the snapshots."""
         g = self.generator
         was_training = g.training
         g.eval()
@@ -288,13 +289,7 @@ class AnnealedCFG:
             g.train(was_training)
         if not isinstance(x, Tensor):
             raise TypeError(f"generator must return a tensor, got {type(x).__name__}")
-        if x.numel():
-            mine = x.untyped_storage().data_ptr()
-            owned = {t.untyped_storage().data_ptr() for t in (z, *g.parameters(), *g.buffers())
-                     if t.device == x.device and t.numel()}
-            if mine in owned:
-                x = x.clone()
-        return x
+        return x.clone()
 
     def _move(self, x: Tensor, steps: int) -> Tensor:
         """x through snapshots 0..steps-1, in place: x += eta * w_m * s_m * grad_x D_m(x)."""
@@ -397,8 +392,9 @@ class AnnealedCFG:
         Raises:
             TypeError: a batch that is not a tensor (or a tuple/list starting with one), or of
                 a non-floating dtype.
-            ValueError: an empty batch, or samples of another shape than the generator's
-                (checked before the discriminator sees them).
+            ValueError: an empty batch, or samples with another number of values than the
+                generator's (checked before the discriminator sees them; another layout of as
+                many values, e.g. (1, 28, 28) against (784,), is left to the discriminator).
             RuntimeError: a one-shot iterator that runs out within the stage.
         """
         if real_batches is not self._real_source:
@@ -412,11 +408,12 @@ class AnnealedCFG:
                 xr = self._next_real(needed, got)
                 got += 1
                 x = self._move(self._g_eval(self._z(xr.shape[0])), t)
-                if xr.shape[1:] != x.shape[1:]:
-                    raise ValueError(
-                        f"real_batches yields samples of shape {tuple(xr.shape[1:])} but the "
-                        f"generator's samples have shape {tuple(x.shape[1:])}; the "
-                        f"discriminator sees both"
+                if xr[0].numel() != x[0].numel():  # another layout of as many values is D's
+                    raise ValueError(       # business (e.g. (1, 28, 28) images, (784,) samples)
+                        f"real_batches yields samples of shape {tuple(xr.shape[1:])} "
+                        f"({xr[0].numel()} values) but the generator's samples have shape "
+                        f"{tuple(x.shape[1:])} ({x[0].numel()} values); the discriminator sees "
+                        f"both"
                     )
                 opt.zero_grad(set_to_none=True)
                 real_logits, fake_logits = D(xr), D(x)

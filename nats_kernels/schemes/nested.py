@@ -332,8 +332,11 @@ class NestedTrainer:
                 w_used = w[torch.tensor(present, device=p.device)]
             # x0 = zeros that take no memory (stride 0): out = sum_i w_i * g_i in one pass.
             zero = torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)
+            # written in place when it is a plain gradient; a .grad that is part of a graph
+            # (after backward(create_graph=True)) is replaced, as AWLoss and BRC do
             out = p.grad if (p.grad is not None and p.grad.shape == p.shape
-                             and p.grad.dtype == p.dtype and not p.grad.is_sparse) else None
+                             and p.grad.dtype == p.dtype and not p.grad.is_sparse
+                             and not p.grad.requires_grad) else None
             p.grad = cfg_accumulate(zero, used, w_used, out=out)
         self.g_optimizer.step()
         self.g_optimizer_steps += 1

@@ -160,11 +160,13 @@ def check_config(cfg: RunConfig) -> tuple[str, bool, bool]:
     if not _is_int(cfg.seed) or not SEED_MIN <= cfg.seed <= SEED_MAX:
         raise ValueError(f"seed: expected an integer from -2**63 to 2**64 - 2 (torch's seed "
                          f"range, less one: a run also seeds with seed + 1), got {cfg.seed!r}")
-    # learning rates: 0 is allowed (a frozen network, e.g. for an ablation)
+    # learning rates: 0 is allowed for the Adam ones (a frozen network, e.g. for an ablation);
+    # AnnealedCFG requires a positive one
     for name in ("lr_d", "lr_g", "cfg_lr"):
         v = getattr(cfg, name)
-        if not _is_real(v) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name}: expected a finite learning rate >= 0, got {v!r}")
+        if not _is_real(v) or not math.isfinite(v) or v < 0 or (name == "cfg_lr" and v == 0):
+            low = "> 0" if name == "cfg_lr" else ">= 0"
+            raise ValueError(f"{name}: expected a finite learning rate {low}, got {v!r}")
     if (not isinstance(cfg.betas, (tuple, list)) or len(cfg.betas) != 2
             or not all(_is_real(b) and 0 <= b < 1 for b in cfg.betas)):
         raise ValueError(f"betas: expected two numbers in [0, 1), got {cfg.betas!r}")

@@ -128,10 +128,10 @@ def aw_weights(dots, real_logits, fake_logits, normalized, alpha1, alpha2, delta
     """(w_r, w_f, case): 0-d device tensors, weights in dots' dtype, case int64. Two launches:
     per-chunk sigmoid sums of both logits, then one program for the means and the rule.
 
-    Math type of the rule: float64 for float64 dots, else float32 (for float16/bfloat16 dots the
-    reference rounds each intermediate to that dtype; this kernel, as the C++ kernels, rounds
-    once at the end). The means follow the reference: sigmoid and sum in float32 (float64 for
-    float64 logits), the mean rounded to that dtype, then to the math type."""
+    Math type of the rule: float64 for float64 dots, else float32, as the reference and the C++
+    kernels; the weights are rounded to dots' dtype once, at the end. The means follow the
+    reference: sigmoid and sum in float32 (float64 for float64 logits), the mean rounded to that
+    dtype, then to the math type."""
     r, r_n, r_c, r_so, r_si, r_contig = _logits_args(real_logits)
     f, f_n, f_c, f_so, f_si, f_contig = _logits_args(fake_logits)
     r_chunks = triton.cdiv(r_n, CHUNK)
