@@ -309,6 +309,7 @@ def test_generator_output_in_its_own_buffer_is_copied():
     assert torch.equal(cfg.generator.out[:4], raw) and not torch.equal(moved, raw)
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
 def test_nested_accumulate_replaces_a_grad_that_requires_grad():
     """After backward(create_graph=True) a .grad is part of a graph: accumulate mode replaces it
     (as AWLoss and BRC do) instead of refusing to write it."""
