@@ -125,9 +125,10 @@ def flag(name: str, value) -> bool:
     """A bool option: ``True`` or ``False`` only (a string such as "no" is not taken by its
     truthiness)."""
     if not isinstance(value, bool):
-        cls = type(value)
-        kind = cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"
-        raise TypeError(f"{name} must be a bool (True or False), got {kind}")
+        kind = type(value).__name__
+        if kind == "bool":  # numpy.bool: name its module, "got bool" would read as nonsense
+            kind = f"{type(value).__module__}.bool"
+        raise TypeError(f"{name} must be a bool, got {kind} (True or False only)")
     return value
 
 
@@ -212,7 +213,7 @@ def inplace_list(name: str, ts: Sequence[torch.Tensor], *, out: bool = False) ->
 def dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill their byte range exactly, in any order of
     dimensions (contiguous, channels_last, transposed)."""
-    if t.is_contiguous():
+    if t.numel() == 0 or t.is_contiguous():
         return True
     expected = 1
     for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):

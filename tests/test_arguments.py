@@ -267,7 +267,7 @@ def test_huge_python_int_is_named():
 
 def test_numpy_bool_is_named_as_such():
     np = pytest.importorskip("numpy")
-    with pytest.raises(TypeError, match=r"squared must be a bool \(.*\), got numpy.bool"):
+    with pytest.raises(TypeError, match=r"squared must be a bool, got numpy.bool"):
         nk.median_pairwise_distance(torch.randn(4, 2), squared=np.bool_(True))
 
 

@@ -119,8 +119,7 @@ def aw_weights(
         v.same_device(dots.device, **{name: t})
         if t.numel() == 0:
             raise ValueError(f"{name} must not be empty (its sigmoid mean decides the case)")
-    if not isinstance(normalized, bool):
-        raise TypeError(f"normalized must be a bool, got {type(normalized).__name__}")
+    v.flag("normalized", normalized)
     acc = v.acc_dtype(dots.dtype)
     hyper = [v.finite(n, x, dtype=acc)
              for n, x in (("alpha1", alpha1), ("alpha2", alpha2), ("delta", delta))]

@@ -105,7 +105,8 @@ def annealed_weights(
     # they would round to inf or to 0 (float16 tops out at 65504).
     info = torch.finfo(dtype)
     lo, hi = min(first, last), max(first, last)
-    lo_r, hi_r = torch.tensor([lo, hi], dtype=torch.float64).to(dtype).tolist()  # host values
+    # rounded on the host: a CPU tensor of two Python floats, no device value is read
+    lo_r, hi_r = torch.tensor([lo, hi], dtype=torch.float64).to(dtype).tolist()
     if math.isinf(hi_r) or lo_r == 0:
         raise ValueError(
             f"dtype {dtype} cannot hold the weights: they span [{lo:g}, {hi:g}], {dtype} holds "

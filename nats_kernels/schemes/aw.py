@@ -84,19 +84,6 @@ def _shares_graph(a: Tensor, b: Tensor) -> bool:
     return False
 
 
-def _dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: every element has its own memory and there is no gap (any
-    permutation of dimensions, e.g. channels_last)."""
-    if t.numel() == 0:
-        return True
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _storage_key(t: Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr())
 
@@ -197,9 +184,7 @@ class AWLoss:
     ) -> None:
         self.discriminator = _module("discriminator", discriminator)
         _trainable("discriminator", discriminator)
-        if not isinstance(normalized, bool):
-            raise TypeError(f"normalized must be a bool, got {type(normalized).__name__}")
-        self.normalized = normalized
+        self.normalized = v.flag("normalized", normalized)
         self.alpha1 = v.finite("alpha1", alpha1)
         self.alpha2 = v.finite("alpha2", alpha2)
         self.delta = v.finite("delta", delta)
@@ -264,7 +249,7 @@ class AWLoss:
                 p.grad = None
                 continue
             old = p.grad
-            if (old is not None and not old.requires_grad and _dense(old)
+            if (old is not None and not old.requires_grad and v.dense(old)
                     and _storage_key(old) not in counts):
                 out = old
             elif _writable_as_grad(gr, p, counts):

@@ -12,7 +12,6 @@ from .. import _validate as v
 from ..ops import iga_correction_, iga_ratio, multi_dot
 from .aw import (
     _acc,
-    _dense,
     _loss,
     _module,
     _shares_graph,
@@ -154,7 +153,7 @@ class BRC:
                 continue
             old = p.grad
             if old is not None:
-                if old.requires_grad or not _dense(old) or _storage_key(old) in counts:
+                if old.requires_grad or not v.dense(old) or _storage_key(old) in counts:
                     old = p.grad = torch.empty_like(p).copy_(old.detach())
                 if gF is not None:
                     add_to.append(old)

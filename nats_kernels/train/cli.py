@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,24 +118,19 @@ def main(args: argparse.Namespace) -> int:
 
     results, figure = args.out / "results.json", args.out / "samples.png"
     saved: list[dict] = []  # the runs in results.json (with their samples, for the figure)
-    drawn = {"runs": 0, "seconds": 0.0, "at": 0.0}  # the figure on disk: how many, draw time
+    drawn = 0  # how many of them the figure on disk shows
 
-    def draw(always: bool) -> None:
-        # redrawn after every finished run while a draw costs under a tenth of the time since
-        # the last one (so at most ~10% of the wall time), and whenever the command ends
-        if drawn["runs"] == len(saved):
-            return
-        if not always and drawn["runs"] and \
-                time.perf_counter() - drawn["at"] < 10 * drawn["seconds"]:
-            return
-        start = time.perf_counter()
-        plot_runs(saved, figure)
-        drawn.update(runs=len(saved), at=time.perf_counter())
-        drawn["seconds"] = drawn["at"] - start
+    def draw() -> None:
+        # after every finished run (a draw takes about a second, a run tens of seconds)
+        nonlocal drawn
+        if drawn != len(saved):
+            plot_runs(saved, figure)
+            drawn = len(saved)
 
     def draw_what_finished() -> str:
+        # when stopping early: catch up if the stop came between results.json and the figure
         try:
-            draw(always=True)
+            draw()
         except Exception as e:  # the error being reported matters more
             return f"; {figure} could not be drawn ({type(e).__name__}: {e})"
         return ""
@@ -167,8 +161,7 @@ def main(args: argparse.Namespace) -> int:
                 f.flush()
                 os.fsync(f.fileno())
             saved.append(record)
-            draw(always=False)
-        draw(always=True)
+            draw()
     except KeyboardInterrupt:
         note = draw_what_finished()
         print(f"nats-kernels train: interrupted during {label}; {kept()}{note}", file=sys.stderr)

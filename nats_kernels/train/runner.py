@@ -66,7 +66,7 @@ def unused_settings(scheme: str) -> tuple[str, ...]:
     """The RunConfig settings a scheme does not read: annealed-cfg trains both networks with
     the official algorithm's own optimizer and learning rate (cfg_lr) and has no nesting; cts
     has no nesting either."""
-    base = scheme.split("+")[0]
+    base = parse_scheme(scheme)[0]
     if base == "annealed-cfg":
         return ("lr_d", "lr_g", "n_d")
     if base == "cts":
