@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _validate as v
+from ..distributed import _comm
 from ..ops import aw_combine_, aw_weights, multi_dot
 
 __all__ = ["AWLoss"]
@@ -157,14 +158,32 @@ class AWLoss:
     - requires grad, used by neither loss: ``None``, as after ``zero_grad()`` and ``backward()``;
     - ``requires_grad=False`` (frozen): not touched.
 
+    Several processes (``torch.distributed``): pass the ``DistributedDataParallel``-wrapped
+    discriminator (or a plain module and ``process_group=``). ``torch.autograd.grad`` never fires
+    DDP's gradient hooks, so the call reduces itself: ``g_r`` and ``g_f`` are averaged over the
+    ranks in flat buffers of DDP's bucket size (one all-reduce per bucket, all in flight at
+    once: twice the volume of DDP's own gradient all-reduce, plus one of six float64 numbers
+    for the logits' sigmoid sums and counts and the two losses). The rule is then decided on the
+    global gradients and the global sigmoid means, so every rank ends the call with the same
+    ``.grad``, ``last_weights`` and ``last_case``, equal to float tolerance to one process on
+    the concatenation of all ranks' batches (when every rank's losses are means over equally
+    sized local batches, DDP's own condition). Nothing is read on the host. Each rank must hold
+    the same trainable parameters (checked at construction) and reach the same parameters (a
+    parameter no loss reached on this rank keeps ``.grad`` None, as DDP's default
+    ``find_unused_parameters=False`` assumes). Memory: a flat copy of both gradient sets.
+
     Args:
-        discriminator: the ``nn.Module`` whose trainable parameters take the gradient. Parameters
-            are looked up at each call, so freezing / unfreezing between calls is honoured.
+        discriminator: the ``nn.Module`` whose trainable parameters take the gradient, or its
+            ``DistributedDataParallel`` wrapper. Parameters are looked up at each call, so
+            freezing / unfreezing between calls is honoured (identically on every rank).
             All trainable parameters on one device; several floating dtypes are fine.
         normalized: ``True`` for Algorithm 1 (the paper's default, weights scaled by the inverse
             gradient norms), ``False`` for Algorithm 2.
         alpha1, alpha2, delta, eps: the rule's constants (SPEC §4), finite Python numbers;
             ``eps >= 0``.
+        process_group: the ``torch.distributed`` group to average over when the discriminator
+            is not DDP-wrapped (e.g. ``torch.distributed.group.WORLD``); default: the DDP
+            wrapper's group, or none (one process). A group of one rank reduces nothing.
 
     Attributes:
         last_weights: ``(w_r, w_f)`` of the last call, 0-d device tensors (float32, float64 when a
@@ -181,9 +200,14 @@ class AWLoss:
         alpha2: float = 0.75,
         delta: float = 0.05,
         eps: float = 0.05,
+        process_group=None,
     ) -> None:
         self.discriminator = _module("discriminator", discriminator)
-        _trainable("discriminator", discriminator)
+        params = _trainable("discriminator", discriminator)
+        self.process_group = _comm.resolve_group(process_group, discriminator=discriminator)
+        self._bucket_bytes = _comm.bucket_bytes(discriminator=discriminator)
+        if self.process_group is not None:
+            _comm.check_same_layout(self.process_group, "AWLoss", params)
         self.normalized = v.flag("normalized", normalized)
         self.alpha1 = v.finite("alpha1", alpha1)
         self.alpha2 = v.finite("alpha2", alpha2)
@@ -240,6 +264,11 @@ class AWLoss:
             raise ValueError(
                 "loss_fake does not depend on any trainable parameter of the discriminator"
             )
+        losses = (loss_real.detach().reshape(()), loss_fake.detach().reshape(()))
+        if self.process_group is not None:
+            g_r, g_f, real_logits, fake_logits, losses = self._global(
+                params, g_r, g_f, real_logits, fake_logits, losses
+            )
 
         counts = _storage_counts(g_r, g_f)
         zeros: dict = {}
@@ -286,5 +315,31 @@ class AWLoss:
         self.last_weights = (w_r, w_f)
         self.last_case = case
         out_dtype = torch.promote_types(loss_real.dtype, loss_fake.dtype)
-        loss = w_r * loss_real.detach().reshape(()) + w_f * loss_fake.detach().reshape(())
+        loss = w_r * losses[0] + w_f * losses[1]
         return loss.to(out_dtype)
+
+    def _global(self, params, g_r, g_f, real_logits, fake_logits, losses):
+        """What one process would see on the whole batch: g_r and g_f averaged over the ranks
+        (flat buffers, a few all-reduces), the sigmoid means of all ranks' logits (handed to the
+        rule as one logit each, ``logit(mean)``, in float64) and the two losses averaged. A
+        parameter that neither loss reached on this rank keeps ``.grad`` None; the others use
+        the averages. One float64 all-reduce of six numbers rides along; nothing is read on the
+        host."""
+        def stats(logits):
+            s = torch.sigmoid(logits.detach().to(torch.float64))
+            return s.sum(), s.new_full((), float(s.numel()))
+
+        sum_r, n_r = stats(real_logits)
+        sum_f, n_f = stats(fake_logits)
+        extra = torch.stack([sum_r, n_r, sum_f, n_f, losses[0].to(torch.float64),
+                             losses[1].to(torch.float64)])
+        n = len(params)
+        views = _comm.mean_over_ranks(
+            list(g_r) + list(g_f), params + params, self.process_group, self._bucket_bytes, extra
+        )
+        used = [a is not None or b is not None for a, b in zip(g_r, g_f)]
+        g_r = [vw if u else None for vw, u in zip(views[:n], used)]
+        g_f = [vw if u else None for vw, u in zip(views[n:], used)]
+        real = torch.logit(extra[0] / extra[1]).reshape(1)
+        fake = torch.logit(extra[2] / extra[3]).reshape(1)
+        return g_r, g_f, real, fake, (extra[4].to(losses[0].dtype), extra[5].to(losses[1].dtype))

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _validate as v
+from ..distributed import _comm
 from ..ops import iga_correction_, iga_ratio, multi_dot
 from .aw import (
     _acc,
@@ -65,10 +66,26 @@ class BRC:
     needs the gradients with respect to its parameters. Frozen discriminator parameters are left
     out of r.
 
+    Several processes (``torch.distributed``): pass the ``DistributedDataParallel``-wrapped
+    modules (either or both; or plain modules and ``process_group=``). DDP's gradient hooks do
+    not fire under ``torch.autograd.grad``, so the call reduces itself: df/dD and dF/dD are
+    averaged over the ranks (flat buffers of DDP's bucket size, one all-reduce per bucket: twice
+    the discriminator's gradient volume) and r is computed from the averages; the correction is
+    linear once r is global, so each rank's corrected generator gradient is averaged once (the
+    generator's gradient volume) and then accumulated into ``.grad`` as above. Every rank ends
+    with the same r and ``.grad``, equal to float tolerance to one process on the concatenation
+    of all ranks' batches (when each rank's losses are means over equally sized local batches).
+    A freshly set ``.grad`` is a view of the flat buffer (as DDP's ``gradient_as_bucket_view``).
+    Each rank must hold the same trainable parameters (checked at construction) and reach the
+    same ones. Nothing is read on the host.
+
     Args:
-        generator, discriminator: ``nn.Module``s with no parameter in common; each module's
-            trainable parameters on one device (the same device for both).
+        generator, discriminator: ``nn.Module``s (or their ``DistributedDataParallel``
+            wrappers) with no parameter in common; each module's trainable parameters on one
+            device (the same device for both).
         eps: a finite, non-negative Python number added to the denominator of r.
+        process_group: the ``torch.distributed`` group to average over when neither module is
+            DDP-wrapped; default: the wrappers' group (they must agree), or none.
 
     Attributes:
         last_ratio: r of the last call (0-d device tensor), or ``None`` before the first call.
@@ -79,7 +96,10 @@ class BRC:
             without trainable parameters.
     """
 
-    def __init__(self, generator: nn.Module, discriminator: nn.Module, *, eps: float = 1e-12):
+    def __init__(
+        self, generator: nn.Module, discriminator: nn.Module, *, eps: float = 1e-12,
+        process_group=None,
+    ):
         self.generator = _module("generator", generator)
         self.discriminator = _module("discriminator", discriminator)
         in_d = {id(p) for p in discriminator.parameters()}
@@ -89,8 +109,15 @@ class BRC:
                 f"generator and discriminator share parameter(s) {', '.join(shared)}; BRC needs "
                 f"the two players' parameters to be disjoint"
             )
-        _trainable("generator", generator)
-        _trainable("discriminator", discriminator)
+        p_g = _trainable("generator", generator)
+        p_d = _trainable("discriminator", discriminator)
+        self.process_group = _comm.resolve_group(
+            process_group, discriminator=discriminator, generator=generator
+        )
+        self._bucket_bytes = _comm.bucket_bytes(discriminator=discriminator, generator=generator)
+        if self.process_group is not None:
+            _comm.check_same_layout(self.process_group, "BRC (discriminator)", p_d)
+            _comm.check_same_layout(self.process_group, "BRC (generator)", p_g)
         eps = v.number("eps", eps)
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be finite and >= 0, got {eps}")
@@ -143,6 +170,8 @@ class BRC:
         if all(g is None for g in gF_g):
             raise ValueError("F does not depend on any trainable parameter of the generator")
 
+        if self.process_group is not None:
+            return self._global(p_d, p_g, gf_d, gF_d, gf_g, gF_g)
         r = self._ratio(p_d, gf_d, gF_d)
 
         counts = _storage_counts(g_f, g_F)
@@ -195,3 +224,45 @@ class BRC:
         acc = _acc(groups)
         dots = sum(multi_dot(a_s, b_s).to(acc) for a_s, b_s in groups.values())
         return dots[2] / (dots[0] + self.eps)
+
+    def _global(self, p_d, p_g, gf_d, gF_d, gf_g, gF_g) -> Tensor:
+        """The distributed step: r from the rank-averaged df/dD and dF/dD (one flat all-reduce
+        of both per bucket), then each rank's corrected generator gradient ``dF/dG - r df/dG``
+        (linear in the local gradients once r is global) averaged in one more all-reduce per
+        bucket and accumulated into ``.grad``. The generator's ``.grad`` of a parameter neither
+        loss reached on this rank is left alone."""
+        group, limit = self.process_group, self._bucket_bytes
+        n = len(p_d)
+        views = _comm.mean_over_ranks(list(gf_d) + list(gF_d), p_d + p_d, group, limit)
+        used = [a is not None or b is not None for a, b in zip(gf_d, gF_d)]
+        r = self._ratio(
+            p_d,
+            [vw if u else None for vw, u in zip(views[:n], used)],
+            [vw if u else None for vw, u in zip(views[n:], used)],
+        )
+        buffers, c = _comm.flat_buffers(gF_g, p_g, limit)  # None counts as zeros
+        corrected: dict[torch.dtype, tuple[list, list]] = {}
+        for p, buf, gf in zip(p_g, c, gf_g):
+            if gf is not None:
+                bufs, gfs = corrected.setdefault(p.dtype, ([], []))
+                bufs.append(buf)
+                gfs.append(gf)
+        for dtype, (bufs, gfs) in corrected.items():
+            iga_correction_(bufs, gfs, r.to(v.acc_dtype(dtype)))
+        _comm.all_reduce_mean_(buffers, group)
+        add_to, add = [], []
+        for p, buf, a, b in zip(p_g, c, gF_g, gf_g):
+            if a is None and b is None:
+                continue
+            old = p.grad
+            if old is None:
+                p.grad = buf
+            elif old.requires_grad or not v.dense(old):
+                p.grad = old.detach() + buf
+            else:
+                add_to.append(old)
+                add.append(buf)
+        if add_to:
+            torch._foreach_add_(add_to, add)
+        self.last_ratio = r
+        return r

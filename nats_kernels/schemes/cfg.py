@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .. import _validate as v
 from .._validate import acc_dtype
+from ..distributed import _comm
 from ..ops import cfg_step_
 
 SCALES = ("kl", "logd", "js")
@@ -81,8 +82,22 @@ class AnnealedCFG:
     ``approx_redmax`` times per stage) reads that mean once per epoch; it also raises on a NaN
     mean there. ``approx_decay=0`` switches the rule off and with it the last host read.
 
+    Several processes (``torch.distributed``): pass ``DistributedDataParallel``-wrapped modules
+    (or plain ones and ``process_group=``), each rank with its own real batches and its own
+    ``rng`` (seed it per rank, or the ranks draw the same ``z``). The discriminator steps and the
+    approximator's regression of ``G`` then average their gradients over the ranks (DDP's
+    ``backward()``, or this class for a module that is not wrapped: it also copies such a
+    module's parameters and buffers from the group's first rank at construction, as DDP does),
+    and the approximator's epoch mean is averaged before its learning-rate rule reads it, so
+    ``G``, ``D``, the snapshots and the optimizers stay identical on every rank. Samples are
+    moved with the unwrapped modules: ``generate`` runs per rank, with no collective, and each
+    rank fits ``G`` on its own ``N`` samples (``N`` per rank). With ``d_backward`` the
+    discriminator's gradients are its business (``AWLoss`` of the wrapped discriminator
+    averages them). ``state_dict`` holds the unwrapped modules' states.
+
     Args:
-        generator: ``G``, an ``nn.Module`` mapping ``(B, *z_dim)`` to samples. Its output is
+        generator: ``G``, an ``nn.Module`` mapping ``(B, *z_dim)`` to samples (or its DDP
+            wrapper). Its output is
             updated in place by the functional-gradient steps, so it must be a fresh tensor
             (not a parameter or a view of one).
         discriminator: ``D``, an ``nn.Module`` mapping samples to one logit per sample
@@ -116,6 +131,8 @@ class AnnealedCFG:
             terms of D's loss (``mean(softplus(-D(xr)))``, ``mean(softplus(D(x)))``) and the
             raw logits, it writes D's gradients and returns the loss to log -- e.g.
             ``AWLoss(discriminator).backward`` for aw-loss. Default: the sum's backward.
+        process_group: the ``torch.distributed`` group for modules that are not DDP-wrapped;
+            default: the wrappers' group, or none (one process).
 
     Attributes:
         snapshots: the ``M`` discriminator copies. ``d_optimizer``: D's optimizer.
@@ -147,6 +164,7 @@ class AnnealedCFG:
         approx_redmax: int | None = 3,
         rng: torch.Generator | None = None,
         d_backward: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
+        process_group=None,
     ):
         for name, module in (("generator", generator), ("discriminator", discriminator)):
             if not isinstance(module, nn.Module):
@@ -205,10 +223,28 @@ class AnnealedCFG:
         self.weights = self._check_weights(weights)
         self._weights_by_dtype: dict[torch.dtype, list[Tensor]] = {}
 
-        self.snapshots = [copy.deepcopy(discriminator) for _ in range(self.M)]
+        # Several processes: the DDP wrappers (or process_group=) decide the group; samples are
+        # generated and moved with the wrapped modules themselves (no collective per rank).
+        self.process_group = _comm.resolve_group(
+            process_group, generator=generator, discriminator=discriminator
+        )
+        self._G, self._D = _comm.unwrap(generator), _comm.unwrap(discriminator)
+        self._sync_g = self._sync_d = False
+        self._bucket_bytes = _comm.bucket_bytes(generator=generator, discriminator=discriminator)
+        if self.process_group is not None:
+            # A module that is not DDP-wrapped starts from rank 0's state (as DDP would) and has
+            # its gradients averaged here; D's only when this class runs its backward.
+            self._sync_g = not _comm.is_ddp(generator)
+            self._sync_d = not _comm.is_ddp(discriminator) and d_backward is None
+            for module, wrapped in ((generator, self._sync_g),
+                                    (discriminator, not _comm.is_ddp(discriminator))):
+                if wrapped:
+                    _comm.broadcast_module(module, self.process_group)
+
+        self.snapshots = [copy.deepcopy(self._D) for _ in range(self.M)]
         for snap in self.snapshots:
             snap.requires_grad_(False)
-        self._d_state = self._tensors(discriminator)
+        self._d_state = self._tensors(self._D)
         self._snap_states = [self._tensors(s) for s in self.snapshots]
         self.d_optimizer = self.make_optimizer(
             [p for p in discriminator.parameters() if p.requires_grad], self.lr
@@ -275,7 +311,7 @@ class AnnealedCFG:
         output buffer (e.g. ``nn.Identity``, a learnt point set returned as is, a CUDA-graph
         static output), and moving samples must change none of them. One batch copy, next to
         the M forward/backward passes of the snapshots."""
-        g = self.generator
+        g = self._G
         was_training = g.training
         g.eval()
         try:
@@ -422,6 +458,8 @@ class AnnealedCFG:
                 if self.d_backward is None:
                     loss = loss_real + loss_fake
                     loss.backward()
+                    if self._sync_d:
+                        self._average_grads(D)
                 else:
                     loss = self.d_backward(loss_real, loss_fake, real_logits, fake_logits)
                 opt.step()
@@ -450,10 +488,14 @@ class AnnealedCFG:
                     loss = ((fake - targets[idx]) ** 2).sum() / (2 * idx.shape[0])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if self._sync_g:
+                        self._average_grads(G)
                     opt.step()
                     total += loss.detach()
                     batches += 1
                 mean = total / batches
+                if self.process_group is not None:  # every rank decays lr alike
+                    _comm.all_reduce_mean_([mean.reshape(1)], self.process_group)
                 self.last_approx_loss = mean
                 if self.approx_decay > 0:
                     value = float(mean)  # the one host read per epoch (see class docstring)
@@ -468,6 +510,18 @@ class AnnealedCFG:
         finally:
             G.train(was_training)
 
+    def _average_grads(self, module: nn.Module) -> None:
+        """Average the ``.grad`` of ``module``'s trainable parameters over the ranks (for a module
+        that is not DDP-wrapped; a parameter without ``.grad`` counts as zeros there and keeps
+        None here)."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = [p.grad for p in params]
+        buffers, views = _comm.flat_buffers(grads, params, self._bucket_bytes)
+        _comm.all_reduce_mean_(buffers, self.process_group)
+        have = [(g, vw) for g, vw in zip(grads, views) if g is not None]
+        if have:
+            torch._foreach_copy_([g for g, _ in have], [vw for _, vw in have])
+
     # --------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict:
@@ -475,8 +529,8 @@ class AnnealedCFG:
         counter. (G's optimizer is recreated each stage, so there is none to save; the position
         in ``real_batches`` and the random generator's state are the caller's.)"""
         return {
-            "generator": self.generator.state_dict(),
-            "discriminator": self.discriminator.state_dict(),
+            "generator": self._G.state_dict(),
+            "discriminator": self._D.state_dict(),
             "snapshots": [s.state_dict() for s in self.snapshots],
             "d_optimizer": self.d_optimizer.state_dict(),
             "weights": self.weights.clone(),
@@ -495,8 +549,8 @@ class AnnealedCFG:
                 f"state dict holds {len(state['snapshots'])} snapshots, this AnnealedCFG M = "
                 f"{self.M}"
             )
-        self.generator.load_state_dict(state["generator"])
-        self.discriminator.load_state_dict(state["discriminator"])
+        self._G.load_state_dict(state["generator"])
+        self._D.load_state_dict(state["discriminator"])
         for snap, sd in zip(self.snapshots, state["snapshots"]):
             snap.load_state_dict(sd)
         self.d_optimizer.load_state_dict(state["d_optimizer"])

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from ..distributed import _comm
 from ..ops import cfg_accumulate
 
 MODES = ("loss", "lr", "accumulate")
@@ -170,6 +171,18 @@ class NestedTrainer:
         g_optimizer: the generator's optimizer; required by ``"lr"`` and ``"accumulate"``.
         generator: optional module whose parameters (those requiring grad) get the accumulated
             gradient in ``"accumulate"`` mode; default: the parameters of ``g_optimizer``.
+        process_group: ``"accumulate"`` mode under ``torch.distributed`` with a generator that
+            is not DDP-wrapped: the group to average the block's gradient over. Default: the
+            group of a DDP-wrapped ``generator``, or none.
+
+    Several processes (``torch.distributed``): in ``"loss"`` and ``"lr"`` mode the user's steps
+    call ``backward()`` themselves, so DDP-wrapped modules synchronize as usual and the trainer
+    has nothing to add. In ``"accumulate"`` mode the gradients come from
+    ``torch.autograd.grad``, which DDP does not see: pass the DDP-wrapped module as
+    ``generator`` (or ``process_group=``) and the trainer averages each block's weighted
+    gradient over the ranks (one flat all-reduce per bucket per block, the generator's gradient
+    volume) before the optimizer step, so every rank steps alike, as one process on the
+    concatenation of the ranks' batches would.
 
     Attributes:
         d_steps: ``d_step`` calls so far (``n_d * k`` per outer iteration).
@@ -195,6 +208,7 @@ class NestedTrainer:
         mode: str = "loss",
         g_optimizer: torch.optim.Optimizer | None = None,
         generator: torch.nn.Module | None = None,
+        process_group=None,
     ):
         if not callable(d_step):
             raise TypeError(f"d_step must be callable, got {type(d_step).__name__}")
@@ -232,6 +246,12 @@ class NestedTrainer:
                 raise ValueError("accumulate mode found no generator parameter requiring grad")
             self._params = params
             self._acc_weights: dict[tuple, Tensor] = {}
+            self.process_group = _comm.resolve_group(process_group, generator=generator)
+            self._bucket_bytes = _comm.bucket_bytes(generator=generator)
+            if self.process_group is not None:
+                _comm.check_same_layout(self.process_group, "NestedTrainer", params)
+        else:
+            self.process_group = None
         self.d_steps = 0
         self.g_steps = 0
         self.g_optimizer_steps = 0
@@ -319,10 +339,12 @@ class NestedTrainer:
                 )
             per_step.append(torch.autograd.grad(loss, params, allow_unused=True))
             self.g_steps += 1
+        written = []
         for p_index, p in enumerate(params):
             grads = [step[p_index] for step in per_step]
             present = [i for i, g in enumerate(grads) if g is not None]
             if not present:
+                written.append(None)
                 continue
             w = self._weights_on(p.device, p.dtype)
             if len(present) == j:
@@ -338,5 +360,13 @@ class NestedTrainer:
                              and p.grad.dtype == p.dtype and not p.grad.is_sparse
                              and not p.grad.requires_grad) else None
             p.grad = cfg_accumulate(zero, used, w_used, out=out)
+            written.append(p.grad)
+        if self.process_group is not None:
+            # the weighted sum is linear: its mean over ranks is the sum of the means, one
+            # flat all-reduce per bucket per block (a parameter no loss reached counts as zeros)
+            buffers, views = _comm.flat_buffers(written, params, self._bucket_bytes)
+            _comm.all_reduce_mean_(buffers, self.process_group)
+            have = [(g, vw) for g, vw in zip(written, views) if g is not None]
+            torch._foreach_copy_([g for g, _ in have], [vw for _, vw in have])
         self.g_optimizer.step()
         self.g_optimizer_steps += 1

@@ -1,0 +1,173 @@
+"""The collectives the schemes use under ``torch.distributed``: which process group, and the
+mean over ranks of a list of gradients in a few flat all-reduces (DDP's bucketing, without DDP).
+
+Nothing here reads a tensor value on the host. The mean is a SUM all-reduce divided by the world
+size (gloo has no AVG); it is what DDP computes, and equals the gradient of one process on the
+concatenated batch when each rank's loss is a mean over an equal-sized local batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+#: Bytes per flat all-reduce buffer when the module is not DDP-wrapped (DDP's own default,
+#: ``bucket_cap_mb=25``); a DDP-wrapped module's ``bucket_bytes_cap`` is used otherwise.
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+
+
+def _ddp_type():
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # a torch built without distributed support
+        return None
+    return DistributedDataParallel
+
+
+def is_ddp(module) -> bool:
+    ddp = _ddp_type()
+    return ddp is not None and isinstance(module, ddp)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module a DDP wrapper holds (``.module``), or ``module`` itself."""
+    return module.module if is_ddp(module) else module
+
+
+def resolve_group(process_group, **modules: nn.Module):
+    """The process group a scheme reduces over, or None when it runs as one process.
+
+    ``process_group`` (a ``torch.distributed.ProcessGroup``) wins; else the group of the
+    DDP-wrapped modules among ``modules`` (they must agree); else None. A group of one rank is
+    None too: there is nothing to reduce."""
+    import torch.distributed as dist
+
+    if process_group is not None:
+        if not dist.is_available():
+            raise RuntimeError("process_group given, but this torch has no torch.distributed")
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                f"process_group must be a torch.distributed.ProcessGroup (e.g. "
+                f"torch.distributed.group.WORLD), got {type(process_group).__name__}"
+            )
+        group = process_group
+    else:
+        found = {name: m.process_group for name, m in modules.items() if is_ddp(m)}
+        if not found:
+            return None
+        names = list(found)
+        group = found[names[0]]
+        for name in names[1:]:
+            if found[name] is not group:
+                raise ValueError(
+                    f"{names[0]} and {name} are wrapped in DistributedDataParallel with "
+                    f"different process groups; pass process_group= to choose one"
+                )
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def bucket_bytes(**modules: nn.Module) -> int:
+    """The bucket size of the first DDP-wrapped module, else :data:`DEFAULT_BUCKET_BYTES`."""
+    for m in modules.values():
+        if is_ddp(m):
+            return int(getattr(m, "bucket_bytes_cap", DEFAULT_BUCKET_BYTES))
+    return DEFAULT_BUCKET_BYTES
+
+
+def check_same_layout(group, what: str, params: Sequence[Tensor]) -> None:
+    """Raise on every rank when the ranks' trainable parameters differ in number, shape or dtype
+    (the flat buffers would not line up). Construction-time: one all_gather_object."""
+    import torch.distributed as dist
+
+    mine = [(tuple(p.shape), str(p.dtype)) for p in params]
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            raise ValueError(
+                f"{what}: the trainable parameters differ between ranks (rank 0 has "
+                f"{len(everyone[0])}, rank {rank} has {len(theirs)} with these shapes and "
+                f"dtypes); every rank must hold the same model"
+            )
+
+
+def flat_buffers(
+    tensors: Sequence[Tensor | None], like: Sequence[Tensor], limit: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Copy ``tensors`` into flat buffers, one dtype per buffer and at most ``limit`` bytes each
+    (a tensor larger than the limit gets a buffer of its own); a None counts as zeros shaped
+    like the matching entry of ``like``. Returns (buffers, views): ``views[i]`` is the slice of
+    a buffer holding ``tensors[i]``, contiguous, shaped like ``like[i]``. The layout depends only
+    on shapes and dtypes, so it is the same on every rank that holds the same model."""
+    plan: list[tuple[torch.dtype, list[int]]] = []  # (dtype, indices) per buffer
+    open_: dict[torch.dtype, tuple[list[int], int]] = {}
+    for i, p in enumerate(like):
+        nbytes = p.numel() * p.element_size()
+        idx, size = open_.get(p.dtype, (None, 0))
+        if idx is None or size + nbytes > limit:
+            idx = []
+            plan.append((p.dtype, idx))
+            size = 0
+        idx.append(i)
+        open_[p.dtype] = (idx, size + nbytes)
+    buffers: list[Tensor] = []
+    views: list[Tensor | None] = [None] * len(like)
+    dsts, srcs = [], []
+    for dtype, idx in plan:
+        buf = torch.empty(
+            sum(like[i].numel() for i in idx), dtype=dtype, device=like[idx[0]].device
+        )
+        buffers.append(buf)
+        for i, part in zip(idx, buf.split([like[i].numel() for i in idx])):
+            view = part.view(like[i].shape)
+            views[i] = view
+            if tensors[i] is None:
+                view.zero_()
+            else:
+                dsts.append(view)
+                srcs.append(tensors[i])
+    if dsts:
+        torch._foreach_copy_(dsts, srcs)
+    return buffers, views
+
+
+def all_reduce_mean_(buffers: Sequence[Tensor], group, extra: Tensor | None = None) -> None:
+    """Replace each buffer (and ``extra``) by its mean over the ranks of ``group``: every
+    all-reduce is started before the first is waited on, so they overlap."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    todo = list(buffers) + ([extra] if extra is not None else [])
+    works = [dist.all_reduce(b, group=group, async_op=True) for b in todo]
+    for w in works:
+        w.wait()
+    torch._foreach_div_(todo, float(world))
+
+
+def mean_over_ranks(
+    tensors: Sequence[Tensor | None], like: Sequence[Tensor], group, limit: int,
+    extra: Tensor | None = None,
+) -> list[Tensor]:
+    """The mean over ranks of each tensor (None = zeros shaped like ``like[i]``), as views of
+    fresh flat buffers; ``extra`` (a small tensor, e.g. statistics) is averaged in place along."""
+    buffers, views = flat_buffers(tensors, like, limit)
+    all_reduce_mean_(buffers, group, extra)
+    return views
+
+
+def broadcast_module(module: nn.Module, group) -> None:
+    """Copy the parameters and buffers of the group's first rank to every rank (what DDP does
+    at construction), a few flat broadcasts."""
+    import torch.distributed as dist
+
+    tensors = [*module.parameters(), *module.buffers()]
+    if not tensors:
+        return
+    src = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        buffers, views = flat_buffers(tensors, tensors, DEFAULT_BUCKET_BYTES)
+        for b in buffers:
+            dist.broadcast(b, src=src, group=group)
+        torch._foreach_copy_(tensors, views)

@@ -1,0 +1,344 @@
+"""The schemes under torch.distributed (gloo, 2 and 3 CPU processes): every rank ends with the
+same gradients and statistics, equal to one process on the concatenation of the ranks' batches.
+
+Each test spawns its ranks once (tests/ranks.py: free port, timeouts, a failing rank raises)
+and runs several cases in them; the single-process results are computed here, from the same
+seeds, on the concatenated batches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from helpers import TOL
+from ranks import run
+from torch import nn
+from torch.multiprocessing import ProcessRaisedException
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import nats_kernels as nk
+from nats_kernels import schemes
+
+B = 5  # rows per rank (equal local batches: DDP's own condition for "mean over ranks")
+DTYPES = (torch.float32, torch.float64)
+
+
+class Disc(nn.Module):
+    """A small D with a frozen parameter and a trainable one that no loss reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(3, 8)
+        self.l2 = nn.Linear(8, 1)
+        self.unused = nn.Linear(2, 2)
+        self.l1.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return self.l2(F.leaky_relu(self.l1(x), 0.2))
+
+
+class Gen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(2, 6)
+        self.l2 = nn.Linear(6, 3)
+        self.unused = nn.Parameter(torch.ones(4))
+        self.frozen = nn.Parameter(torch.ones(2), requires_grad=False)
+
+    def forward(self, z):
+        return self.l2(torch.tanh(self.l1(z)))
+
+
+def models(dtype, seed=0):
+    torch.manual_seed(seed)
+    return Gen().to(dtype), Disc().to(dtype)
+
+
+def data(world, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    real = (torch.randn(world * B, 3, generator=g) + 1.0).to(dtype)
+    z = torch.randn(world * B, 2, generator=g).to(dtype)
+    return real, z
+
+
+def grads(module):
+    return [None if p.grad is None else p.grad.clone() for p in module.parameters()]
+
+
+def wrap(module, how):
+    # the models have a parameter no loss reaches: DDP's own backward needs to be told
+    return DDP(module, find_unused_parameters=True) if how == "ddp" else module
+
+
+# --------------------------------------------------------------------------------- AWLoss
+
+
+def aw_case(D, aw, real, fake):
+    real_logits, fake_logits = D(real), D(fake)
+    loss_real = F.relu(1 - real_logits).mean()
+    loss_fake = F.relu(1 + fake_logits).mean()
+    loss = aw.backward(loss_real, loss_fake, real_logits, fake_logits)
+    return loss
+
+
+def aw_worker(rank, world):
+    out = []
+    for dtype in DTYPES:
+        for how in ("ddp", "group"):
+            for seed in (1, 2):
+                G, D = models(dtype)
+                real, z = data(world, dtype, seed)
+                fake = G(z).detach()
+                sl = slice(rank * B, (rank + 1) * B)
+                Dw = wrap(D, how)
+                aw = schemes.AWLoss(
+                    Dw, process_group=dist.group.WORLD if how == "group" else None
+                )
+                loss = aw_case(Dw, aw, real[sl], fake[sl])
+                out.append(dict(dtype=dtype, how=how, seed=seed, grads=grads(D), loss=loss,
+                                weights=aw.last_weights, case=aw.last_case))
+    return out
+
+
+def aw_single(world, dtype, seed):
+    G, D = models(dtype)
+    real, z = data(world, dtype, seed)
+    aw = schemes.AWLoss(D)
+    loss = aw_case(D, aw, real, G(z).detach())
+    return dict(grads=grads(D), loss=loss, weights=aw.last_weights, case=aw.last_case)
+
+
+def assert_same_grads(got, want, dtype, what):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a is None) == (b is None), f"{what}: param {i}: {a} vs {b}"
+        if a is not None:
+            torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m, i=i: f"{what} p{i}: {m}")
+
+
+@pytest.mark.parametrize("world", (2, 3))
+def test_awloss_matches_one_process(world):
+    results = run(aw_worker, world)
+    for case in results[0]:
+        dtype, how, seed = case["dtype"], case["how"], case["seed"]
+        what = f"{world} ranks, {how}, {dtype}, seed {seed}"
+        want = aw_single(world, dtype, seed)
+        mine = [r for rs in results for r in rs
+                if (r["dtype"], r["how"], r["seed"]) == (dtype, how, seed)]
+        assert len(mine) == world
+        for r in mine:  # bit-identical across ranks
+            for a, b in zip(r["grads"], mine[0]["grads"]):
+                assert (a is None and b is None) or torch.equal(a, b), what
+            assert torch.equal(r["case"], mine[0]["case"]), what
+        got = mine[0]
+        assert_same_grads(got["grads"], want["grads"], dtype, what)
+        assert got["grads"][1] is None  # l1.bias is frozen: untouched
+        assert got["grads"][4] is None and got["grads"][5] is None  # unused: None
+        assert int(got["case"]) == int(want["case"]), what
+        for a, b in zip(got["weights"], want["weights"]):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+        torch.testing.assert_close(got["loss"], want["loss"], **TOL[dtype])
+
+
+# -------------------------------------------------------------------------------------- BRC
+
+
+def brc_case(G, D, brc, real, z):
+    fake = G(z)
+    fake_logits = D(fake)
+    F_loss = F.softplus(-fake_logits).mean()
+    f = F.softplus(-D(real)).mean() + F.softplus(fake_logits).mean()
+    return brc.backward(F_loss, f)
+
+
+BRC_WRAPS = (("ddp", "ddp"), ("plain", "ddp"), ("ddp", "plain"), ("plain", "plain"))
+
+
+def preset_grad(G):
+    """A .grad already there on one generator parameter: BRC accumulates into it."""
+    G.l2.bias.grad = torch.full_like(G.l2.bias, 0.5)
+
+
+def brc_worker(rank, world):
+    out = []
+    for dtype in DTYPES:
+        for g_how, d_how in BRC_WRAPS:
+            G, D = models(dtype)
+            preset_grad(G)
+            real, z = data(world, dtype, 3)
+            sl = slice(rank * B, (rank + 1) * B)
+            Gw, Dw = wrap(G, g_how), wrap(D, d_how)
+            plain = (g_how, d_how) == ("plain", "plain")
+            brc = schemes.BRC(Gw, Dw, process_group=dist.group.WORLD if plain else None)
+            r = brc_case(Gw, Dw, brc, real[sl], z[sl])
+            out.append(dict(dtype=dtype, how=(g_how, d_how), r=r, grads=grads(G),
+                            d_grads=grads(D)))
+    return out
+
+
+def brc_single(world, dtype):
+    G, D = models(dtype)
+    preset_grad(G)
+    real, z = data(world, dtype, 3)
+    brc = schemes.BRC(G, D)
+    r = brc_case(G, D, brc, real, z)
+    return dict(r=r, grads=grads(G), d_grads=grads(D))
+
+
+@pytest.mark.parametrize("world", (2, 3))
+def test_brc_matches_one_process(world):
+    results = run(brc_worker, world)
+    for i, case in enumerate(results[0]):
+        dtype, how = case["dtype"], case["how"]
+        what = f"{world} ranks, G/D {how}, {dtype}"
+        want = brc_single(world, dtype)
+        for rank in range(world):
+            got = results[rank][i]
+            assert got["how"] == how
+            assert torch.equal(got["r"], results[0][i]["r"]), what
+            torch.testing.assert_close(got["r"], want["r"], **TOL[dtype])
+            assert_same_grads(got["grads"], want["grads"], dtype, f"{what}, rank {rank}")
+            # unused keeps None, frozen untouched, D's .grad not written
+            assert got["grads"][0] is None and got["grads"][1] is None  # G.unused, G.frozen
+            assert all(g is None for g in got["d_grads"]), what
+
+
+# ----------------------------------------------------------------- NestedTrainer (accumulate)
+
+
+def nested_run(rank, world, dtype, how):
+    """One outer iteration (n_d = 2) of NestedTrainer in accumulate mode: D steps with a
+    plain backward (DDP averages), generator blocks through the trainer."""
+    G, D = models(dtype)
+    real, z = data(world, dtype, 4)
+    sl = slice(rank * B, (rank + 1) * B) if rank is not None else slice(None)
+    Gw = wrap(G, how) if rank is not None else G
+    Dw = wrap(D, how) if rank is not None else D
+    opt_d = torch.optim.SGD([p for p in D.parameters() if p.requires_grad], lr=0.1)
+    opt_g = torch.optim.SGD([p for p in G.parameters() if p.requires_grad], lr=0.1)
+    step = [0]
+
+    def d_step():
+        opt_d.zero_grad()
+        loss = F.softplus(-Dw(real[sl])).mean() + F.softplus(Dw(Gw(z[sl]).detach())).mean()
+        loss.backward()
+        if how == "group" and rank is not None:  # a plain D: average by hand, as a user would
+            for p in D.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        opt_d.step()
+
+    def g_step():
+        step[0] += 1
+        return F.softplus(-Dw(Gw(z[sl] * step[0]))).mean()
+
+    group = dist.group.WORLD if (how == "group" and rank is not None) else None
+    trainer = schemes.NestedTrainer(d_step, g_step, n_d=2, weights=[1.0, 0.25],
+                                    mode="accumulate", g_optimizer=opt_g, generator=Gw,
+                                    process_group=group)
+    trainer.run_outer()
+    return [p.detach().clone() for p in G.parameters()]
+
+
+def nested_worker(rank, world):
+    return {(dtype, how): nested_run(rank, world, dtype, how)
+            for dtype in DTYPES for how in ("ddp", "group")}
+
+
+def test_nested_accumulate_matches_one_process():
+    world = 2
+    results = run(nested_worker, world)
+    for (dtype, how), params in results[0].items():
+        want = nested_run(None, world, dtype, how)
+        start, _ = models(dtype)
+        for rank in range(world):
+            got = results[rank][(dtype, how)]
+            for i, (a, b) in enumerate(zip(got, want)):
+                torch.testing.assert_close(a, b, **TOL[dtype],
+                                           msg=lambda m, i=i, h=how: f"{h} p{i} {m}")
+        # G.l1.weight moved (the comparison is not of two unchanged models); G.unused did not
+        assert params[2].shape == start.l1.weight.shape
+        assert not torch.equal(params[2], start.l1.weight.detach())
+        assert torch.equal(params[0], start.unused.detach())
+
+
+# ----------------------------------------------------------------------------- AnnealedCFG
+
+
+def cfg_worker(rank, world, wrap_how):
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
+    D = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 1))
+    if wrap_how == "ddp":
+        G, D = DDP(G), DDP(D)
+    group = dist.group.WORLD if wrap_how == "group" else None
+    rng = torch.Generator().manual_seed(100 + rank)  # each rank its own z
+    model = schemes.AnnealedCFG(G, D, M=3, eta=0.5, weights=nk.annealed_weights(1, 0.1, 3),
+                                N=24, x_epochs=2, batch_size=8, z_dim=2, rng=rng, lr=1e-2,
+                                process_group=group)
+    g = torch.Generator().manual_seed(7 + rank)
+    batches = [torch.randn(8, 3, generator=g) for _ in range(3)]
+    model.train_stage(batches)
+    state = model.state_dict()
+    samples = model.generate(4)
+    return dict(g=state["generator"], d=state["discriminator"], snaps=state["snapshots"],
+                approx=model.last_approx_loss, samples=samples)
+
+
+@pytest.mark.parametrize("wrap_how", ("ddp", "group", "none"))
+def test_annealed_cfg_ranks_stay_identical(wrap_how):
+    """DDP-wrapped or process_group: G, D, the snapshots and the approximator's loss are
+    identical on every rank after a stage although every rank saw other data; generate runs per
+    rank (different z, different samples). "none" is the control: without a group the ranks
+    drift apart, so the identity above is not an accident of the setup."""
+    r0, r1 = run(cfg_worker, 2, wrap_how)
+    same = all(torch.equal(r0["g"][k], r1["g"][k]) for k in r0["g"])
+    same &= all(torch.equal(r0["d"][k], r1["d"][k]) for k in r0["d"])
+    same &= all(torch.equal(a[k], b[k]) for a, b in zip(r0["snaps"], r1["snaps"]) for k in a)
+    if wrap_how == "none":
+        assert not same
+        return
+    assert same
+    assert torch.equal(r0["approx"], r1["approx"])
+    assert not torch.equal(r0["samples"], r1["samples"])
+    assert list(r0["g"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]  # unwrapped state
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def bad_worker(rank, world):
+    out = {}
+    try:
+        schemes.AWLoss(nn.Linear(2, 1), process_group="world")
+    except TypeError as e:
+        out["type"] = str(e)
+    torch.manual_seed(0)
+    try:  # rank 1 holds another model: refused on every rank at construction
+        schemes.AWLoss(nn.Linear(2 + rank, 1), process_group=dist.group.WORLD)
+    except ValueError as e:
+        out["layout"] = str(e)
+    return out
+
+
+def test_bad_arguments_raise_on_every_rank():
+    for out in run(bad_worker, 2):
+        assert "ProcessGroup" in out["type"]
+        assert "differ between ranks" in out["layout"]
+
+
+def failing_worker(rank, world):
+    D = DDP(nn.Linear(3, 1))
+    aw = schemes.AWLoss(D)
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    real, fake = D(torch.randn(4, 3)), D(torch.randn(4, 3))
+    aw.backward(real.mean(), fake.mean(), real, fake)  # rank 0 waits in the all-reduce
+
+
+def test_failing_rank_ends_the_run_with_its_error():
+    with pytest.raises(ProcessRaisedException, match="rank 1 fails on purpose"):
+        run(failing_worker, 2, timeout=120)
