@@ -10,7 +10,7 @@ Algorithm (the same one the compiled backends implement):
    distances unchanged and shrinks the cancellation of the ``|a|^2 + |b|^2 - 2<a, b>`` expansion.
 2. Squared distances are produced tile by tile (a batched GEMM per tile; tiles above the diagonal
    only for the pairwise form, with the diagonal tile masked to i < j). The tiling depends only on
-   the shapes and the memory budget, so a recomputed tile is bit-identical.
+   the shapes and the memory budget (:func:`tile_plan`), so a recomputed tile is bit-identical.
 3. Squared distances are >= +0.0, so their IEEE bit patterns, read as integers, order exactly like
    the values. The k-th smallest key, k = (n - 1) // 2 (the lower median), is found by radix
    selection with 16-bit digits: each pass histograms the next digit of the keys that match the
@@ -21,6 +21,11 @@ Algorithm (the same one the compiled backends implement):
    pass recomputes its tiles. The answer is one of the computed (scaled) distances, exactly; it is
    scaled back by 2**e (2**2e for ``squared``) at the end, where a value beyond the dtype's range
    becomes +Inf (or underflows) as the true value would.
+
+The loop over tiles can be shared out (:func:`radix_median`): each share evaluates a subset of
+the tiles and its histograms are summed over the shares before every digit is picked, which is
+how :mod:`nats_kernels.distributed.median` splits the work between ranks. The single-process
+reference is the one share holding every tile.
 
 Memory: a tile of T x T keys needs ``_tile_bytes_per_element`` bytes per key at its peak (the
 key, the int64 bin, a shifted copy of the key, masks; every step in place where it can be), so
@@ -34,11 +39,17 @@ non-finite coordinate is undefined).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 DIGIT_BITS = 16
 NBINS = 1 << DIGIT_BITS
+
+
+def _key_bits(dtype: torch.dtype) -> int:
+    return 64 if dtype == torch.float64 else 32
 
 
 def _tile_bytes_per_element(key_bytes: int) -> int:
@@ -99,12 +110,88 @@ def _count_tile(counts, keys, shift, prefix_key, offsets, invalid, sentinel, one
     counts.index_add_(0, flat, one.expand(flat.numel()))
 
 
+class TilePlan(NamedTuple):
+    """The tiling of one problem shape: the tile side, the blocks in their fixed order (see
+    :func:`_tiles`) and whether every key fits in half the budget (then the tiles were sized for
+    the other half, and the keys are kept between passes)."""
+
+    tile: int
+    blocks: list[tuple[int, int, int, int, bool]]
+    keys_fit: bool
+
+
+def _keys_bytes(blocks, batch: int, key_bytes: int) -> int:
+    return sum((i1 - i0) * (j1 - j0) for i0, i1, j0, j1, _ in blocks) * batch * key_bytes
+
+
+def tile_plan(
+    batch: int, n: int, m: int, pairwise: bool, dtype: torch.dtype, memory_budget: int
+) -> TilePlan:
+    """The tiles this module evaluates for ``batch`` problems of ``n`` x ``m``
+    points (``m == n`` for the pairwise form) in ``dtype`` under ``memory_budget``: tiles sized
+    for half the budget when all their keys fit in the other half, else tiles sized for the
+    whole budget (recomputed on every pass). A function of the shapes and the budget only."""
+    key_bytes = _key_bits(dtype) // 8
+    per_element = _tile_bytes_per_element(key_bytes)
+    half = memory_budget // 2
+    t = min(_tile_size(half, batch, per_element), max(n, m))
+    blocks = list(_tiles(n, m, t, pairwise))
+    if _keys_bytes(blocks, batch, key_bytes) <= half:
+        return TilePlan(t, blocks, True)
+    t = min(_tile_size(memory_budget, batch, per_element), max(n, m))
+    return TilePlan(t, list(_tiles(n, m, t, pairwise)), False)
+
+
+def keeps_keys(plan: TilePlan, blocks, batch: int, dtype: torch.dtype, memory_budget: int) -> bool:
+    """Whether the keys of ``blocks`` (a subset of ``plan.blocks``) are kept between passes:
+    when they fit in half the budget and the plan's tiles are no larger than tiles sized for
+    the other half (the keys of the tile being computed come on top of the kept ones). For all
+    of the plan's blocks this is ``plan.keys_fit``."""
+    key_bytes = _key_bits(dtype) // 8
+    half = memory_budget // 2
+    half_tile = _tile_size(half, batch, _tile_bytes_per_element(key_bytes))
+    return _keys_bytes(blocks, batch, key_bytes) <= half and plan.tile <= half_tile
+
+
+def _tile_keys(a, b, norm_a, norm_b, i0, i1, j0, j1, key_dtype) -> torch.Tensor:
+    """The (B, i1 - i0, j1 - j0) keys of one tile: its squared distances' bit patterns."""
+    d2 = norm_a[:, i0:i1, None] + norm_b[:, None, j0:j1]
+    d2.baddbmm_(a[:, i0:i1], b[:, j0:j1].transpose(1, 2), alpha=-2)
+    # Rounding can push a tiny squared distance below zero; + 0.0 turns -0.0 into +0.0 so the
+    # bit patterns stay ordered. NaN only comes from NaN/Inf inputs (result NaN anyway).
+    d2.clamp_min_(0).nan_to_num_(nan=math.inf, posinf=math.inf).add_(0.0)
+    return d2.view(key_dtype)
+
+
 def median_pairwise_distance_ref(x, y, squared: bool, memory_budget: int) -> torch.Tensor:
     """x: (B, N, d); y: (B, M, d) or None. Returns the (B,) lower medians in x's dtype."""
+    return radix_median(x, y, squared, memory_budget)
+
+
+def radix_median(
+    x,
+    y,
+    squared: bool,
+    memory_budget: int,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    reduce: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The algorithm of this module, on a share of the tiles: x (B, N, d), y (B, M, d) or None.
+
+    Evaluates the tiles ``tile_plan(...).blocks[rank::world]`` only, and calls ``reduce(counts)``
+    on each pass's int64 histogram (``B * 65536 + 1`` counts, the last one a sentinel) before
+    selecting a digit from it; ``reduce`` must leave in ``counts``, in place, the sum of the
+    histograms of all ``world`` shares (an all-reduce). With the defaults (one share holding every
+    tile, no reduction) this is the single-process reference. Every share must run this with
+    the same x, y, squared and budget: the result is then the same on all of them, bit for bit
+    the single-process one, since the same tiles are computed by the same ops and integer counts
+    add up exactly in any order. Returns the (B,) lower medians in x's dtype.
+    """
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     key_dtype = torch.int64 if work == torch.float64 else torch.int32
-    key_bits = 64 if work == torch.float64 else 32
-    per_element = _tile_bytes_per_element(key_bits // 8)
+    key_bits = _key_bits(x.dtype)
     batch, n, d = x.shape
     device = x.device
 
@@ -134,24 +221,9 @@ def median_pairwise_distance_ref(x, y, squared: bool, memory_budget: int) -> tor
     norm_a = (a * a).sum(-1)
     norm_b = norm_a if pairwise else (b * b).sum(-1)
 
-    half = memory_budget // 2
-    t = min(_tile_size(half, batch, per_element), max(n, m))
-    blocks = list(_tiles(n, m, t, pairwise))
-    stored_bytes = sum((i1 - i0) * (j1 - j0) for i0, i1, j0, j1, _ in blocks) * batch * (
-        key_bits // 8
-    )
-    materialize = stored_bytes <= half
-    if not materialize:
-        t = min(_tile_size(memory_budget, batch, per_element), max(n, m))
-        blocks = list(_tiles(n, m, t, pairwise))
-
-    def keys_of(i0, i1, j0, j1):
-        d2 = norm_a[:, i0:i1, None] + norm_b[:, None, j0:j1]
-        d2.baddbmm_(a[:, i0:i1], b[:, j0:j1].transpose(1, 2), alpha=-2)
-        # Rounding can push a tiny squared distance below zero; + 0.0 turns -0.0 into +0.0 so
-        # the bit patterns stay ordered. NaN only comes from NaN/Inf inputs (result NaN anyway).
-        d2.clamp_min_(0).nan_to_num_(nan=math.inf, posinf=math.inf).add_(0.0)
-        return d2.view(key_dtype)
+    plan = tile_plan(batch, n, m, pairwise, x.dtype, memory_budget)
+    blocks = plan.blocks[rank::world]
+    materialize = keeps_keys(plan, blocks, batch, x.dtype, memory_budget)
 
     cache: list[torch.Tensor] = []
     invalid_diag: dict[tuple[int, int], torch.Tensor] = {}
@@ -160,7 +232,7 @@ def median_pairwise_distance_ref(x, y, squared: bool, memory_budget: int) -> tor
     one = torch.ones((), dtype=torch.int64, device=device)
 
     prefix = torch.zeros(batch, dtype=torch.int64, device=device)
-    rank = torch.full((batch,), (n_pairs - 1) // 2, dtype=torch.int64, device=device)
+    rank_k = torch.full((batch,), (n_pairs - 1) // 2, dtype=torch.int64, device=device)
     for p in range(key_bits // DIGIT_BITS):
         shift = key_bits - DIGIT_BITS * (p + 1)
         counts = torch.zeros(sentinel + 1, dtype=torch.int64, device=device)
@@ -169,7 +241,7 @@ def median_pairwise_distance_ref(x, y, squared: bool, memory_budget: int) -> tor
             if materialize and p > 0:
                 keys = cache[idx]
             else:
-                keys = keys_of(i0, i1, j0, j1)
+                keys = _tile_keys(a, b, norm_a, norm_b, i0, i1, j0, j1, key_dtype)
                 if materialize:
                     cache.append(keys)
             invalid = None
@@ -181,12 +253,14 @@ def median_pairwise_distance_ref(x, y, squared: bool, memory_budget: int) -> tor
                 invalid = invalid_diag[shape]
             _count_tile(counts, keys, shift, prefix_key, offsets, invalid, sentinel, one)
             del keys
+        if reduce is not None:
+            reduce(counts)
         cumulative = counts[:sentinel].view(batch, NBINS).cumsum(1)
-        digit = torch.searchsorted(cumulative, rank[:, None], right=True)
+        digit = torch.searchsorted(cumulative, rank_k[:, None], right=True)
         below = torch.where(
             digit > 0, cumulative.gather(1, (digit - 1).clamp_min(0)), torch.zeros_like(digit)
         )
-        rank = rank - below[:, 0]
+        rank_k = rank_k - below[:, 0]
         prefix = (prefix << DIGIT_BITS) | digit[:, 0]
 
     value = prefix.to(key_dtype).view(work)
