@@ -69,7 +69,26 @@ def grads(module):
 
 def wrap(module, how):
     # the models have a parameter no loss reaches: DDP's own backward needs to be told
+    if how == "ddp-small-buckets":  # 1-byte buckets: one flat buffer per gradient
+        return DDP(module, find_unused_parameters=True, bucket_cap_mb=1 / 2**20)
     return DDP(module, find_unused_parameters=True) if how == "ddp" else module
+
+
+class CountCollectives:
+    """Counts the all-reduces the schemes issue (they all go through dist.all_reduce)."""
+
+    def __enter__(self):
+        self.calls, self._orig = 0, dist.all_reduce
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return self._orig(*args, **kwargs)
+
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
 
 
 # --------------------------------------------------------------------------------- AWLoss
@@ -86,7 +105,7 @@ def aw_case(D, aw, real, fake):
 def aw_worker(rank, world):
     out = []
     for dtype in DTYPES:
-        for how in ("ddp", "group"):
+        for how in ("ddp", "group", "ddp-small-buckets"):
             for seed in (1, 2):
                 G, D = models(dtype)
                 real, z = data(world, dtype, seed)
@@ -96,9 +115,10 @@ def aw_worker(rank, world):
                 aw = schemes.AWLoss(
                     Dw, process_group=dist.group.WORLD if how == "group" else None
                 )
-                loss = aw_case(Dw, aw, real[sl], fake[sl])
+                with CountCollectives() as count:
+                    loss = aw_case(Dw, aw, real[sl], fake[sl])
                 out.append(dict(dtype=dtype, how=how, seed=seed, grads=grads(D), loss=loss,
-                                weights=aw.last_weights, case=aw.last_case))
+                                weights=aw.last_weights, case=aw.last_case, calls=count.calls))
     return out
 
 
@@ -140,6 +160,9 @@ def test_awloss_matches_one_process(world):
         for a, b in zip(got["weights"], want["weights"]):
             torch.testing.assert_close(a, b, **TOL[dtype])
         torch.testing.assert_close(got["loss"], want["loss"], **TOL[dtype])
+        # both gradient lists in one flat buffer (DDP's 25 MiB bucket) + the six statistics;
+        # with 1-byte buckets, one per trainable gradient (2 x 5) + the statistics
+        assert got["calls"] == (11 if how == "ddp-small-buckets" else 2), what
 
 
 # -------------------------------------------------------------------------------------- BRC
@@ -172,9 +195,10 @@ def brc_worker(rank, world):
             Gw, Dw = wrap(G, g_how), wrap(D, d_how)
             plain = (g_how, d_how) == ("plain", "plain")
             brc = schemes.BRC(Gw, Dw, process_group=dist.group.WORLD if plain else None)
-            r = brc_case(Gw, Dw, brc, real[sl], z[sl])
+            with CountCollectives() as count:
+                r = brc_case(Gw, Dw, brc, real[sl], z[sl])
             out.append(dict(dtype=dtype, how=(g_how, d_how), r=r, grads=grads(G),
-                            d_grads=grads(D)))
+                            d_grads=grads(D), calls=count.calls))
     return out
 
 
@@ -203,6 +227,8 @@ def test_brc_matches_one_process(world):
             # unused keeps None, frozen untouched, D's .grad not written
             assert got["grads"][0] is None and got["grads"][1] is None  # G.unused, G.frozen
             assert all(g is None for g in got["d_grads"]), what
+            # one flat buffer for df/dD and dF/dD, one for G's corrected gradient
+            assert got["calls"] == 2, what
 
 
 # ----------------------------------------------------------------- NestedTrainer (accumulate)
