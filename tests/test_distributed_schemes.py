@@ -336,8 +336,14 @@ def test_annealed_cfg_ranks_stay_identical(wrap_how):
 # ----------------------------------------------------------------------------- arguments
 
 
-def bad_worker(rank, world):
+def misc_worker(rank, world):
     out = {}
+    g = torch.Generator().manual_seed(5)
+    real, fake = torch.randn(23, 4, generator=g), torch.randn(9, 4, generator=g) + 1
+    cuts_r, cuts_f = ((0, 20, 23), (0, 0, 9)) if world == 2 else None  # rank 1: 3 rows; no fakes
+    out["distances"] = schemes.initial_weight_distances(
+        real[cuts_r[rank]:cuts_r[rank + 1]], fake[cuts_f[rank]:cuts_f[rank + 1]],
+        group=dist.group.WORLD)
     try:
         schemes.AWLoss(nn.Linear(2, 1), process_group="world")
     except TypeError as e:
@@ -350,10 +356,16 @@ def bad_worker(rank, world):
     return out
 
 
-def test_bad_arguments_raise_on_every_rank():
-    for out in run(bad_worker, 2):
+def test_bad_arguments_raise_on_every_rank_and_initial_distances():
+    g = torch.Generator().manual_seed(5)
+    real, fake = torch.randn(23, 4, generator=g), torch.randn(9, 4, generator=g) + 1
+    want = schemes.initial_weight_distances(real, fake)
+    for out in run(misc_worker, 2):
         assert "ProcessGroup" in out["type"]
         assert "differ between ranks" in out["layout"]
+        # the medians over the union of unequal shards (rank 1 holds no fake sample)
+        for got, exp in zip(out["distances"], want):
+            torch.testing.assert_close(got, exp, **TOL[torch.float32])
 
 
 def failing_worker(rank, world):

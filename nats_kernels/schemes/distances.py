@@ -18,7 +18,7 @@ HIGH_RESOLUTION_PRESET = (20.0, 1.0)
 
 
 def initial_weight_distances(
-    real: Tensor, fake: Tensor, *, memory_budget: int | None = None
+    real: Tensor, fake: Tensor, *, memory_budget: int | None = None, group=None
 ) -> tuple[Tensor, Tensor]:
     """NATS Technique 1's two medians: ``D1`` among training samples, ``D2`` between training
     samples and the *initial* (untrained) generator's samples.
@@ -38,6 +38,11 @@ def initial_weight_distances(
         fake: ``(M, *feat)`` samples of the initial generator, M >= 1; same feature shape,
             dtype and device as ``real`` (detach them, e.g. generate under ``torch.no_grad()``).
         memory_budget: passed to ``median_pairwise_distance`` (bytes of workspace).
+        group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``):
+            ``real`` and ``fake`` are then this rank's shards (of any size, possibly empty), and
+            every rank of the group gets the medians over the union of the shards, from
+            :func:`nats_kernels.distributed.median_pairwise_distance` (which checks the inputs
+            on every rank alike). Default: this process's samples only.
 
     Returns:
         ``(D1, D2)``: two 0-d tensors in ``real``'s dtype on its device (never read back to the
@@ -47,6 +52,16 @@ def initial_weight_distances(
         TypeError / ValueError: as ``median_pairwise_distance`` (non-floating input, dtype or
             feature-shape mismatch, different devices, N < 2 or M < 1).
     """
+    if group is not None:
+        from ..distributed import median_pairwise_distance as distributed_median
+
+        if isinstance(real, Tensor):
+            real = real.detach()
+        if isinstance(fake, Tensor):
+            fake = fake.detach()
+        d1 = distributed_median(real, group=group, memory_budget=memory_budget)
+        d2 = distributed_median(real, fake, group=group, memory_budget=memory_budget)
+        return d1, d2
     v.tensor("real", real)
     v.tensor("fake", fake)
     if real.dim() < 1 or fake.dim() < 1:
