@@ -125,6 +125,11 @@ BAD = {
                            r"squared must be a bool"),
     "budget 0": (lambda r: (torch.zeros(3, 2), None, {"memory_budget": 0}), ValueError,
                  r"memory_budget must be a positive"),
+    # Settings that are fine on each rank but differ between them (the tile plan is shared).
+    "budget differs": (lambda r: (torch.zeros(9, 2), None, {"memory_budget": 4096 << r}),
+                       ValueError, r"memory_budget must be the same on every rank"),
+    "squared differs": (lambda r: (torch.zeros(9, 2), None, {"squared": r == 1}), ValueError,
+                        r"squared must be the same on every rank"),
     # Rank 1 only: its own check fails, rank 0 raises the same type naming rank 1.
     "x a list on rank 1": (lambda r: ([[0.0, 1.0]] if r else torch.zeros(3, 2), None, {}),
                            TypeError, r"x must be a torch\.Tensor|rank 1 of the group rejected"),

@@ -68,10 +68,15 @@ def grads(module):
 
 
 def wrap(module, how):
-    # the models have a parameter no loss reaches: DDP's own backward needs to be told
-    if how == "ddp-small-buckets":  # 1-byte buckets: one flat buffer per gradient
-        return DDP(module, find_unused_parameters=True, bucket_cap_mb=1 / 2**20)
-    return DDP(module, find_unused_parameters=True) if how == "ddp" else module
+    """"ddp": DDP's defaults; "ddp-unused": find_unused_parameters=True (the models have a
+    parameter no loss reaches, which DDP's own backward must be told about; the schemes then
+    exchange the map of reached parameters); "ddp-small-buckets": 1-byte buckets, one flat
+    buffer per gradient; anything else: the plain module."""
+    if how == "ddp-small-buckets":
+        return DDP(module, bucket_cap_mb=1 / 2**20)
+    if how == "ddp-unused":
+        return DDP(module, find_unused_parameters=True)
+    return DDP(module) if how == "ddp" else module
 
 
 class CountCollectives:
@@ -105,7 +110,7 @@ def aw_case(D, aw, real, fake):
 def aw_worker(rank, world):
     out = []
     for dtype in DTYPES:
-        for how in ("ddp", "group", "ddp-small-buckets"):
+        for how in ("ddp", "ddp-unused", "group", "ddp-small-buckets"):
             for seed in (1, 2):
                 G, D = models(dtype)
                 real, z = data(world, dtype, seed)
@@ -176,7 +181,8 @@ def brc_case(G, D, brc, real, z):
     return brc.backward(F_loss, f)
 
 
-BRC_WRAPS = (("ddp", "ddp"), ("plain", "ddp"), ("ddp", "plain"), ("plain", "plain"))
+BRC_WRAPS = (("ddp", "ddp"), ("plain", "ddp"), ("ddp", "plain"), ("plain", "plain"),
+             ("ddp-unused", "ddp-unused"))
 
 
 def preset_grad(G):
@@ -227,8 +233,9 @@ def test_brc_matches_one_process(world):
             # unused keeps None, frozen untouched, D's .grad not written
             assert got["grads"][0] is None and got["grads"][1] is None  # G.unused, G.frozen
             assert all(g is None for g in got["d_grads"]), what
-            # one flat buffer for df/dD and dF/dD, one for G's corrected gradient
-            assert got["calls"] == 2, what
+            # one flat buffer for df/dD and dF/dD, one for G's corrected gradient, and with a
+            # find_unused_parameters wrapper the map of reached parameters
+            assert got["calls"] == (3 if "ddp-unused" in how else 2), what
 
 
 # ----------------------------------------------------------------- NestedTrainer (accumulate)
@@ -241,7 +248,7 @@ def nested_run(rank, world, dtype, how):
     real, z = data(world, dtype, 4)
     sl = slice(rank * B, (rank + 1) * B) if rank is not None else slice(None)
     Gw = wrap(G, how) if rank is not None else G
-    Dw = wrap(D, how) if rank is not None else D
+    Dw = wrap(D, how) if rank is not None else D  # "ddp-unused": D has an unused parameter
     opt_d = torch.optim.SGD([p for p in D.parameters() if p.requires_grad], lr=0.1)
     opt_g = torch.optim.SGD([p for p in G.parameters() if p.requires_grad], lr=0.1)
     step = [0]
@@ -271,7 +278,7 @@ def nested_run(rank, world, dtype, how):
 
 def nested_worker(rank, world):
     return {(dtype, how): nested_run(rank, world, dtype, how)
-            for dtype in DTYPES for how in ("ddp", "group")}
+            for dtype in DTYPES for how in ("ddp-unused", "group")}
 
 
 def test_nested_accumulate_matches_one_process():
@@ -380,3 +387,83 @@ def failing_worker(rank, world):
 def test_failing_rank_ends_the_run_with_its_error():
     with pytest.raises(ProcessRaisedException, match="rank 1 fails on purpose"):
         run(failing_worker, 2, timeout=120)
+
+
+# ---------------------------------------------- parameters reached on some ranks only, options
+
+
+class BranchD(nn.Module):
+    """A D with a branch that only rows with x[:, 0] > 4 take: data-dependent control flow, so
+    on a rank without such rows the branch's parameters get no gradient at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.extra = nn.Linear(3, 8), nn.Linear(8, 1), nn.Linear(3, 1)
+
+    def forward(self, x):
+        out = self.l2(torch.tanh(self.l1(x)))
+        mask = x[:, 0] > 4
+        if mask.any():
+            out = out + torch.where(mask[:, None], self.extra(x), torch.zeros_like(out))
+        return out
+
+
+def branch_data(world, dtype):
+    real, z = data(world, dtype, 6)
+    real[1, 0] = 6.0  # one row of rank 0's shard takes the branch
+    return real, z
+
+
+def branch_case(rank, world, dtype):
+    """AWLoss and BRC with find_unused_parameters=True and a branch only rank 0 takes; rank None:
+    one process on the concatenation."""
+    torch.manual_seed(0)
+    G, D = Gen().to(dtype), BranchD().to(dtype)
+    real, z = branch_data(world, dtype)
+    if rank is not None:
+        sl = slice(rank * B, (rank + 1) * B)
+        real, z = real[sl], z[sl]
+        Gw = DDP(G, find_unused_parameters=True)
+        Dw = DDP(D, find_unused_parameters=True)
+    else:
+        Gw, Dw = G, D
+    aw = schemes.AWLoss(Dw)
+    aw_case(Dw, aw, real, G(z).detach())
+    d_grads = grads(D)
+    brc = schemes.BRC(Gw, Dw)
+    r = brc_case(Gw, Dw, brc, real, z)
+    return dict(d=d_grads, weights=aw.last_weights, r=r, g=grads(G))
+
+
+def branch_worker(rank, world):
+    out = {dtype: branch_case(rank, world, dtype) for dtype in DTYPES}
+    refused = []
+    for make in (lambda: schemes.AWLoss(DDP(Disc(), static_graph=True)),
+                 lambda: schemes.BRC(DDP(Gen(), static_graph=True), Disc())):
+        try:
+            make()
+        except ValueError as e:
+            refused.append(str(e))
+    out["refused"] = refused
+    return out
+
+
+def test_parameters_reached_on_some_ranks_and_static_graph():
+    """With find_unused_parameters=True the used map is exchanged: the rank that did not reach
+    the branch still gets its averaged gradient, as one process on the whole batch does (before,
+    that rank kept None and left the branch out of the aw dots). static_graph=True is refused."""
+    results = run(branch_worker, 2)
+    for dtype in DTYPES:
+        want = branch_case(None, 2, dtype)
+        assert want["d"][4] is not None  # the branch is reached in the whole batch
+        for rank, res in enumerate(results):
+            got = res[dtype]
+            what = f"rank {rank}, {dtype}"
+            assert_same_grads(got["d"], want["d"], dtype, f"aw {what}")
+            for a, b in zip(got["weights"], want["weights"]):
+                torch.testing.assert_close(a, b, **TOL[dtype])
+            torch.testing.assert_close(got["r"], want["r"], **TOL[dtype])
+            assert_same_grads(got["g"], want["g"], dtype, f"brc {what}")
+    for res in results:
+        assert len(res["refused"]) == 2
+        assert all("static_graph" in m for m in res["refused"])

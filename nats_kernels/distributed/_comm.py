@@ -68,6 +68,32 @@ def resolve_group(process_group, **modules: nn.Module):
     return group if dist.get_world_size(group) > 1 else None
 
 
+def check_ddp_options(what: str, **modules: nn.Module) -> None:
+    """Refuse DDP wrappers whose options the autograd.grad passes of the schemes would break:
+    ``static_graph=True`` records the graph of the first backward DDP sees, and a first
+    iteration made of ``torch.autograd.grad`` passes (invisible to DDP) leaves it recording no
+    gradient, so every later plain ``backward()`` would silently go unsynchronized."""
+    for name, m in modules.items():
+        if is_ddp(m) and getattr(m, "static_graph", False):
+            raise ValueError(
+                f"{what}: {name} is wrapped with DistributedDataParallel(static_graph=True); "
+                f"{what} takes its gradients with torch.autograd.grad, which DDP does not see, "
+                f"and a static graph recorded without them leaves later backward() calls "
+                f"unsynchronized. Wrap it without static_graph (the default)."
+            )
+
+
+def finds_unused(**modules: nn.Module) -> bool:
+    """Whether a DDP wrapper among ``modules`` was told that the parameters a step reaches may
+    differ between ranks (``find_unused_parameters=True``)."""
+    return any(is_ddp(m) and m.find_unused_parameters for m in modules.values())
+
+
+def used_flags(used: Sequence[bool], like: Tensor) -> Tensor:
+    """0/1 flags in float64 on ``like``'s device, to ride along in an averaged ``extra``."""
+    return torch.tensor([float(u) for u in used], dtype=torch.float64).to(like.device)
+
+
 def bucket_bytes(**modules: nn.Module) -> int:
     """The bucket size of the first DDP-wrapped module, else :data:`DEFAULT_BUCKET_BYTES`."""
     for m in modules.values():
@@ -157,12 +183,13 @@ def mean_over_ranks(
     return views
 
 
-def broadcast_module(module: nn.Module, group) -> None:
-    """Copy the parameters and buffers of the group's first rank to every rank (what DDP does
-    at construction), a few flat broadcasts."""
+def broadcast_module(module: nn.Module, group, parameters: bool = True) -> None:
+    """Copy the parameters (unless ``parameters=False``) and buffers of the group's first rank
+    to every rank (what DDP does at construction, and for buffers before each forward), a few
+    flat broadcasts."""
     import torch.distributed as dist
 
-    tensors = [*module.parameters(), *module.buffers()]
+    tensors = [*(module.parameters() if parameters else ()), *module.buffers()]
     if not tensors:
         return
     src = dist.get_global_rank(group, 0)

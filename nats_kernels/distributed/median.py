@@ -63,8 +63,8 @@ from ..ops.median import median_pairwise_distance as _single_process
 from ..reference.median import radix_median
 
 # Layout of the per-rank metadata record (int64).
-_ERROR, _N, _M, _NUMEL, _DIGEST, _DTYPE, _HAS_Y = range(7)
-_FIELDS = 7
+_ERROR, _N, _M, _NUMEL, _DIGEST, _DTYPE, _HAS_Y, _SQUARED, _BUDGET = range(9)
+_FIELDS = 9
 # Error codes: which exception the rank's own input checks raised.
 _ERRORS = (None, TypeError, ValueError)
 
@@ -91,13 +91,13 @@ def median_pairwise_distance(
             ``N_rank`` may be 0. Feature shape and dtype must be the same on every rank.
         y: optional shard ``(M_rank, *feat)`` with x's feature shape, dtype and device; given on
             every rank or on none.
-        squared: return the median squared distance instead.
+        squared: return the median squared distance instead; the same on every rank.
         group: the process group (default: the default group). When torch.distributed is not
             initialized, or the group has one rank, this is
             :func:`nats_kernels.median_pairwise_distance` of ``x`` (and ``y``).
         memory_budget: bytes of workspace per rank for tiles and kept keys (default
-            :data:`nats_kernels.DEFAULT_MEMORY_BUDGET`); the same on every rank. Decides the
-            tile plan, as in the single-process op.
+            :data:`nats_kernels.DEFAULT_MEMORY_BUDGET`); the same on every rank (checked: it
+            decides the tile plan, which the ranks share out).
 
     Returns:
         A 0-d tensor in x's dtype on x's device; distances are computed in float32 (float64 for
@@ -109,7 +109,8 @@ def median_pairwise_distance(
             differs between ranks, a ``squared`` that is not a bool, a ``memory_budget`` that
             is not an int.
         ValueError: fewer than 2 samples over all ranks (pairwise) or an empty union of x or y
-            shards (cross), y's shape not matching x's, a feature shape that differs between
+            shards (cross), y's shape not matching x's, ``squared`` or ``memory_budget``
+            differing between ranks, a feature shape that differs between
             ranks, ``y`` given on some ranks only, different devices of x and y, a memory
             budget that is not positive or does not fit in int64, a process that is not a
             member of ``group`` (raised on that process only: the others do not wait for it).
@@ -128,7 +129,8 @@ def median_pairwise_distance(
         squared, memory_budget = _check_local(x, y, squared, memory_budget)
     except (TypeError, ValueError) as e:
         error = e
-    table = _gather_metadata(_metadata(x, y, error), _device(x, y, group), group, world)
+    row = _metadata(x, y, error, squared, memory_budget)
+    table = _gather_metadata(row, _device(x, y, group), group, world)
     _check_table(table, error, rank, x)
 
     ns = [row[_N] for row in table]
@@ -178,7 +180,7 @@ def _digest(feat: tuple[int, ...]) -> int:
     return int.from_bytes(hashlib.blake2b(repr(feat).encode(), digest_size=7).digest(), "little")
 
 
-def _metadata(x, y, error: Exception | None) -> list[int]:
+def _metadata(x, y, error: Exception | None, squared: bool, budget: int) -> list[int]:
     row = [0] * _FIELDS
     if error is not None:
         row[_ERROR] = _ERRORS.index(type(error)) if type(error) in _ERRORS else 1
@@ -190,6 +192,8 @@ def _metadata(x, y, error: Exception | None) -> list[int]:
     row[_DIGEST] = _digest(feat)
     row[_DTYPE] = v.FLOATING.index(x.dtype)
     row[_HAS_Y] = int(y is not None)
+    row[_SQUARED] = int(squared)
+    row[_BUDGET] = budget
     return row
 
 
@@ -224,6 +228,13 @@ def _check_table(table: list[list[int]], error, rank: int, x) -> None:
             f"rank {first} of the group rejected its input ({kind.__name__}; see that rank's "
             f"error), ranks at fault: {failed}"
         )
+    # the tile plan (and so which tiles each rank evaluates) depends on the budget: one that
+    # differs between ranks would leave tiles uncounted or counted twice
+    for field, name in ((_SQUARED, "squared"), (_BUDGET, "memory_budget")):
+        values = [row[field] for row in table]
+        if len(set(values)) > 1:
+            shown = [bool(x) for x in values] if field == _SQUARED else values
+            raise ValueError(f"{name} must be the same on every rank, got {shown} (by rank)")
     has_y = [r for r, row in enumerate(table) if row[_HAS_Y]]
     if has_y and len(has_y) != len(table):
         raise ValueError(f"y must be given on every rank or on none; given on ranks {has_y}")

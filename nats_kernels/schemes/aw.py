@@ -168,9 +168,15 @@ class AWLoss:
     ``.grad``, ``last_weights`` and ``last_case``, equal to float tolerance to one process on
     the concatenation of all ranks' batches (when every rank's losses are means over equally
     sized local batches, DDP's own condition). Nothing is read on the host. Each rank must hold
-    the same trainable parameters (checked at construction) and reach the same parameters (a
-    parameter no loss reached on this rank keeps ``.grad`` None, as DDP's default
-    ``find_unused_parameters=False`` assumes). Memory: a flat copy of both gradient sets.
+    the same trainable parameters (checked at construction) and, by default, reach the same
+    ones (a parameter no loss reached on this rank keeps ``.grad`` None, as DDP's default
+    ``find_unused_parameters=False`` assumes); a wrapper made with
+    ``find_unused_parameters=True`` has the ranks exchange which parameters they reached (in the
+    same all-reduce as the statistics) and read that map on the host once per call, as DDP does
+    then, so a parameter reached on another rank only gets its averaged gradient here too.
+    ``static_graph=True`` wrappers are refused (DDP would record a graph without these passes
+    and stop synchronizing later ``backward()`` calls); ``no_sync()`` is not honoured (every
+    call averages). Memory: a flat copy of both gradient sets.
 
     Args:
         discriminator: the ``nn.Module`` whose trainable parameters take the gradient, or its
@@ -204,8 +210,10 @@ class AWLoss:
     ) -> None:
         self.discriminator = _module("discriminator", discriminator)
         params = _trainable("discriminator", discriminator)
+        _comm.check_ddp_options("AWLoss", discriminator=discriminator)
         self.process_group = _comm.resolve_group(process_group, discriminator=discriminator)
         self._bucket_bytes = _comm.bucket_bytes(discriminator=discriminator)
+        self._find_unused = _comm.finds_unused(discriminator=discriminator)
         if self.process_group is not None:
             _comm.check_same_layout(self.process_group, "AWLoss", params)
         self.normalized = v.flag("normalized", normalized)
@@ -334,10 +342,14 @@ class AWLoss:
         extra = torch.stack([sum_r, n_r, sum_f, n_f, losses[0].to(torch.float64),
                              losses[1].to(torch.float64)])
         n = len(params)
+        used = [a is not None or b is not None for a, b in zip(g_r, g_f)]
+        if self._find_unused:  # the parameters reached may differ between ranks
+            extra = torch.cat([extra, _comm.used_flags(used, extra)])
         views = _comm.mean_over_ranks(
             list(g_r) + list(g_f), params + params, self.process_group, self._bucket_bytes, extra
         )
-        used = [a is not None or b is not None for a, b in zip(g_r, g_f)]
+        if self._find_unused:  # one host read, as DDP's find_unused_parameters makes
+            used = (extra[6:] > 0).tolist()
         g_r = [vw if u else None for vw, u in zip(views[:n], used)]
         g_f = [vw if u else None for vw, u in zip(views[n:], used)]
         real = torch.logit(extra[0] / extra[1]).reshape(1)

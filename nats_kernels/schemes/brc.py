@@ -77,7 +77,10 @@ class BRC:
     of all ranks' batches (when each rank's losses are means over equally sized local batches).
     A freshly set ``.grad`` is a view of the flat buffer (as DDP's ``gradient_as_bucket_view``).
     Each rank must hold the same trainable parameters (checked at construction) and reach the
-    same ones. Nothing is read on the host.
+    same ones, unless a wrapper has ``find_unused_parameters=True``: then the ranks exchange
+    which parameters they reached (with the first all-reduce) and read that map on the host once
+    per call, as DDP does. Otherwise nothing is read on the host. ``static_graph=True`` wrappers
+    are refused, ``no_sync()`` is not honoured (as for :class:`AWLoss`).
 
     Args:
         generator, discriminator: ``nn.Module``s (or their ``DistributedDataParallel``
@@ -111,9 +114,11 @@ class BRC:
             )
         p_g = _trainable("generator", generator)
         p_d = _trainable("discriminator", discriminator)
+        _comm.check_ddp_options("BRC", discriminator=discriminator, generator=generator)
         self.process_group = _comm.resolve_group(
             process_group, discriminator=discriminator, generator=generator
         )
+        self._find_unused = _comm.finds_unused(discriminator=discriminator, generator=generator)
         self._bucket_bytes = _comm.bucket_bytes(discriminator=discriminator, generator=generator)
         if self.process_group is not None:
             _comm.check_same_layout(self.process_group, "BRC (discriminator)", p_d)
@@ -233,8 +238,13 @@ class BRC:
         loss reached on this rank is left alone."""
         group, limit = self.process_group, self._bucket_bytes
         n = len(p_d)
-        views = _comm.mean_over_ranks(list(gf_d) + list(gF_d), p_d + p_d, group, limit)
         used = [a is not None or b is not None for a, b in zip(gf_d, gF_d)]
+        used_g = [a is not None or b is not None for a, b in zip(gF_g, gf_g)]
+        extra = _comm.used_flags(used + used_g, p_d[0]) if self._find_unused else None
+        views = _comm.mean_over_ranks(list(gf_d) + list(gF_d), p_d + p_d, group, limit, extra)
+        if extra is not None:  # one host read, as DDP's find_unused_parameters makes
+            flags = (extra > 0).tolist()
+            used, used_g = flags[:n], flags[n:]
         r = self._ratio(
             p_d,
             [vw if u else None for vw, u in zip(views[:n], used)],
@@ -251,8 +261,8 @@ class BRC:
             iga_correction_(bufs, gfs, r.to(v.acc_dtype(dtype)))
         _comm.all_reduce_mean_(buffers, group)
         add_to, add = [], []
-        for p, buf, a, b in zip(p_g, c, gF_g, gf_g):
-            if a is None and b is None:
+        for p, buf, u in zip(p_g, c, used_g):
+            if not u:
                 continue
             old = p.grad
             if old is None:

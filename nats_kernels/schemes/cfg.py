@@ -89,7 +89,11 @@ class AnnealedCFG:
     ``backward()``, or this class for a module that is not wrapped: it also copies such a
     module's parameters and buffers from the group's first rank at construction, as DDP does),
     and the approximator's epoch mean is averaged before its learning-rate rule reads it, so
-    ``G``, ``D``, the snapshots and the optimizers stay identical on every rank. Samples are
+    the parameters of ``G``, ``D`` and the snapshots and the optimizers stay identical on every
+    rank. Buffers (BatchNorm's running statistics) are rank 0's in ``D`` at each snapshot and in
+    ``G`` after each stage (broadcast then); a snapshot in train mode still updates its running
+    statistics with each rank's samples while it moves them (its outputs use batch statistics,
+    so they do not depend on them). Samples are
     moved with the unwrapped modules: ``generate`` runs per rank, with no collective, and each
     rank fits ``G`` on its own ``N`` samples (``N`` per rank). With ``d_backward`` the
     discriminator's gradients are its business (``AWLoss`` of the wrapped discriminator
@@ -410,6 +414,8 @@ class AnnealedCFG:
         return batch.to(self.device, non_blocking=True)
 
     def _snapshot(self, t: int) -> None:
+        if self.process_group is not None:  # running statistics differ per rank: take rank 0's
+            _comm.broadcast_module(self._D, self.process_group, parameters=False)
         with torch.no_grad():
             torch._foreach_copy_(self._snap_states[t], self._d_state)
         self.snapshots[t].train(self.discriminator.training)
@@ -466,6 +472,8 @@ class AnnealedCFG:
                 self.last_d_loss = loss.detach()
             self._snapshot(t)
         self._approximate()
+        if self.process_group is not None:
+            _comm.broadcast_module(self._G, self.process_group, parameters=False)
         self.stage += 1
 
     def _approximate(self) -> None:

@@ -182,7 +182,9 @@ class NestedTrainer:
     ``generator`` (or ``process_group=``) and the trainer averages each block's weighted
     gradient over the ranks (one flat all-reduce per bucket per block, the generator's gradient
     volume) before the optimizer step, so every rank steps alike, as one process on the
-    concatenation of the ranks' batches would.
+    concatenation of the ranks' batches would. The ranks must reach the same parameters unless
+    the wrapper has ``find_unused_parameters=True`` (then they exchange which they reached and
+    read it on the host once per block, as DDP does); ``static_graph=True`` is refused.
 
     Attributes:
         d_steps: ``d_step`` calls so far (``n_d * k`` per outer iteration).
@@ -246,7 +248,9 @@ class NestedTrainer:
                 raise ValueError("accumulate mode found no generator parameter requiring grad")
             self._params = params
             self._acc_weights: dict[tuple, Tensor] = {}
+            _comm.check_ddp_options("NestedTrainer", generator=generator)
             self.process_group = _comm.resolve_group(process_group, generator=generator)
+            self._find_unused = _comm.finds_unused(generator=generator)
             self._bucket_bytes = _comm.bucket_bytes(generator=generator)
             if self.process_group is not None:
                 _comm.check_same_layout(self.process_group, "NestedTrainer", params)
@@ -365,8 +369,15 @@ class NestedTrainer:
             # the weighted sum is linear: its mean over ranks is the sum of the means, one
             # flat all-reduce per bucket per block (a parameter no loss reached counts as zeros)
             buffers, views = _comm.flat_buffers(written, params, self._bucket_bytes)
-            _comm.all_reduce_mean_(buffers, self.process_group)
+            used = [g is not None for g in written]
+            extra = _comm.used_flags(used, params[0]) if self._find_unused else None
+            _comm.all_reduce_mean_(buffers, self.process_group, extra)
+            if extra is not None:  # one host read, as DDP's find_unused_parameters makes
+                for p, g, vw, u in zip(params, written, views, (extra > 0).tolist()):
+                    if u and g is None:  # reached on another rank only
+                        p.grad = vw.clone()
             have = [(g, vw) for g, vw in zip(written, views) if g is not None]
-            torch._foreach_copy_([g for g, _ in have], [vw for _, vw in have])
+            if have:
+                torch._foreach_copy_([g for g, _ in have], [vw for _, vw in have])
         self.g_optimizer.step()
         self.g_optimizer_steps += 1
