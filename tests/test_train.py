@@ -389,3 +389,183 @@ def test_run_checks_every_setting_before_training(monkeypatch, change, name):
     monkeypatch.setattr(runner, "mlp", must_not_build)
     with pytest.raises(ValueError, match=f"^{name}: "):
         run(RunConfig(**{**TINY, **change}))
+
+
+# ---- data-parallel: --nproc N (and run() inside a process group of N ranks); one process is
+# ---- the same as before
+
+def test_one_process_run_is_unchanged():
+    """No process group: rank 0's seeds, the whole batch, no DDP. Pinned to records taken
+    before data-parallel training existed (a few rows of the evaluation samples; the tolerance
+    only absorbs another CPU's rounding: a change of seeding or batch moves them entirely)."""
+    from nats_kernels.train.runner import rank_seed
+
+    want = {
+        ("nats+aw+brc", "wgan-gp"): [[-0.15021753, -0.16303669], [-0.15754929, -0.07833643],
+                                     [-0.04567410, 0.10267653]],
+        ("cts", "vanilla"): [[-0.14837065, -0.11743878], [-0.21246448, -0.25192517],
+                             [-0.12372059, -0.18878525]],
+        ("annealed-cfg+aw", "vanilla"): [[-0.26244208, -0.33469698], [-0.26649487, -0.15673496],
+                                         [-0.14053270, -0.15235981]],
+    }
+    for (scheme, loss), rows in want.items():
+        r = run(RunConfig(scheme=scheme, loss=loss, seed=3, **TINY))
+        assert r["nproc"] == 1 and r["batch"] == TINY["batch"]
+        torch.testing.assert_close(r["samples"][:3], torch.tensor(rows), rtol=1e-4, atol=1e-5,
+                                   msg=f"{scheme} {loss}")
+    assert rank_seed(3, 0) == 3
+    seeds = {rank_seed(s, r) for s in (0, 1, 2**64 - 2, -(2**63)) for r in range(1, 5)}
+    assert len(seeds) == 16 and all(0 <= s <= 2**64 - 2 for s in seeds)
+
+
+def test_check_config_splits_over_processes(monkeypatch):
+    from nats_kernels.train.runner import check_config
+
+    check_config(RunConfig(batch=64), world=4)
+    with pytest.raises(ValueError, match=r"^batch: 64 does not split evenly over 3 processes"):
+        check_config(RunConfig(batch=64), world=3)
+    # annealed-cfg also splits its approximator's samples and batch
+    check_config(RunConfig(batch=64, scheme="cts"), world=64)
+    with pytest.raises(ValueError, match=r"^cfg_N: 640 does not split evenly over 3 proc"):
+        check_config(RunConfig(batch=96, scheme="annealed-cfg"), world=3)
+    with pytest.raises(ValueError, match=r"^cfg_batch: 64 does not split evenly over 5 proc"):
+        check_config(RunConfig(batch=640, scheme="annealed-cfg"), world=5)
+    with pytest.raises(ValueError, match=r"^world: "):
+        check_config(RunConfig(), world=0)
+    # several processes: a GPU each, so no one GPU named
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_config(RunConfig(device="cuda:1"), world=1)
+    check_config(RunConfig(device="cuda"), world=2)
+    with pytest.raises(ValueError, match=r"^device: 'cuda:1' names one GPU"):
+        check_config(RunConfig(device="cuda:1"), world=2)
+
+
+def _ranks_worker(rank, world):
+    """run() on one rank of a gloo group: the networks it built, after training."""
+    import nats_kernels.train.runner as runner
+
+    built = []
+    mlp = runner.mlp
+    runner.mlp = lambda *a: built.append(mlp(*a)) or built[-1]
+    out = []
+    for scheme, loss in [("cts", "vanilla"), ("nats+aw+brc", "wgan-gp"),
+                         ("annealed-cfg+aw", "vanilla")]:
+        built.clear()
+        r = run(RunConfig(scheme=scheme, loss=loss, **{**TINY, "steps": 6}))
+        r["params"] = [p.detach().clone() for m in built for p in m.parameters()]
+        out.append(r)
+    return out
+
+
+def test_run_in_a_process_group_keeps_the_ranks_identical():
+    """2 gloo ranks: each draws its own data, the gradients are averaged, so both end with the
+    same networks (and the same aw cases and BRC r); each evaluates its own samples."""
+    from ranks import run as run_ranks
+
+    r0, r1 = run_ranks(_ranks_worker, 2, timeout=240)
+    for a, b in zip(r0, r1):
+        what = a["scheme"]
+        assert a["nproc"] == b["nproc"] == 2, what
+        assert len(a["params"]) == 12 and all(
+            torch.equal(p, q) for p, q in zip(a["params"], b["params"])), what
+        assert not torch.equal(a["samples"], b["samples"]), what  # rank 1's own z
+        assert a.get("aw_case_counts") == b.get("aw_case_counts"), what
+        assert a.get("brc_mean_r") == b.get("brc_mean_r"), what
+    # annealed-cfg: 2 stages of M = 3; each rank fits 64 / 2 samples in batches of 32 / 2
+    assert r0[2]["d_steps"] == 6 and r0[2]["g_steps"] == 2 * 2 * 2
+
+
+def _cli(argv, env=None, timeout=180):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "nats_kernels", "train", *argv],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_train_nproc_2(tmp_path):
+    """The real command with 2 CPU processes: one table, one results.json (rank 0's), the
+    figure; the global batch split over the ranks."""
+    out = tmp_path / "out"
+    res = _cli(["--nproc", "2", "--scheme", "cts+aw", "cts+brc", "annealed-cfg+aw", "--steps",
+                "15", "--batch", "64", "--eval-samples", "64", "--no-progress", "--out",
+                str(out)])
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert res.stdout.count("dataset  loss") == 1 and res.stdout.count("\nwrote ") == 1
+    for i in (1, 2, 3):
+        assert res.stdout.count(f"[{i}/3]") == 1, res.stdout
+    assert "Traceback" not in res.stderr and "nats-kernels train:" not in res.stderr
+    runs = json.loads((out / "results.json").read_text())
+    assert [r["scheme"] for r in runs] == ["cts+aw", "cts+brc", "annealed-cfg+aw"]
+    for r in runs:
+        assert r["nproc"] == 2 and r["batch"] == 64 and r["d_steps"] == 15, r
+        assert 0 <= r["modes"] <= 8 and 0 <= r["hq"] <= 100
+        assert all(math.isfinite(r[k]) and r[k] >= 0 for k in ("js", "fid", "wall_seconds"))
+    assert sum(runs[0]["aw_case_counts"]) == 15 and math.isfinite(runs[1]["brc_mean_r"])
+    assert runs[2]["g_steps"] == 10 * (640 // 2) // (64 // 2)  # N and batch per rank
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "samples.png"]
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["--nproc", "0"], "--nproc: expected >= 1, got 0"),
+    (["--nproc", "3", "--batch", "64"], "--batch: 64 does not split evenly over 3 processes"),
+    (["--nproc", "3", "--batch", "96", "--scheme", "cts", "annealed-cfg"], "cfg_N: 640"),
+])
+def test_train_bad_nproc_exits_2_before_spawning(tmp_path, monkeypatch, capsys, argv, option):
+    import nats_kernels.train.cli as cli
+
+    _no_training(monkeypatch)
+    monkeypatch.setattr(cli, "_spawn", lambda *a: pytest.fail("spawned"))
+    out = tmp_path / "out"
+    assert _train([*FAST, "--scheme", "cts", *argv, "--out", str(out)]) == 2
+    _one_error_line(capsys, option)
+    assert not out.exists()
+
+
+def test_train_nproc_needs_a_gpu_each_and_matches_torchrun(tmp_path, monkeypatch, capsys):
+    import torch.distributed as dist
+
+    import nats_kernels.train.cli as cli
+
+    _no_training(monkeypatch)
+    monkeypatch.setattr(cli, "_spawn", lambda *a: pytest.fail("spawned"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    out = tmp_path / "out"
+    assert _train([*FAST, "--device", "cuda", "--nproc", "2", "--out", str(out)]) == 2
+    assert "need a GPU each, and there is 1 here" in _one_error_line(capsys, "--nproc")
+    assert _train([*FAST, "--device", "cuda:0", "--nproc", "2", "--out", str(out)]) == 2
+    assert "names one GPU" in _one_error_line(capsys, "--device")
+    # under torchrun (WORLD_SIZE > 1) --nproc is 1 or WORLD_SIZE
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert _train([*FAST, "--nproc", "2", "--out", str(out)]) == 2
+    assert "WORLD_SIZE=4" in _one_error_line(capsys, "--nproc")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_train_nproc_failing_rank_ends_the_command(tmp_path, rank):
+    """A rank that raises (the private test hook NATS_KERNELS_TRAIN_FAIL_RANK: after its first
+    D step, while the other rank waits in a collective) ends the command at once: exit code 1,
+    its traceback shown, the other rank stopped; nothing hangs."""
+    out = tmp_path / "out"
+    res = _cli([*FAST, "--steps", "50", "--batch", "32", "--nproc", "2", "--scheme", "cts",
+                "--out", str(out)], env={"NATS_KERNELS_TRAIN_FAIL_RANK": str(rank)},
+               timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    said = [i for i, line in enumerate(lines) if line.startswith("nats-kernels train:")]
+    assert len(said) == 1, res.stderr
+    assert lines[said[0]] == (
+        f"nats-kernels train: failed during [1/1] ring8 vanilla cts seed 0 (process {rank} of "
+        f"2; traceback below; the other processes were stopped); no run finished, nothing was "
+        f"written")
+    assert lines[said[0] + 1].startswith("Traceback")
+    assert lines[-1] == (f"RuntimeError: rank {rank} fails on purpose "
+                         f"(NATS_KERNELS_TRAIN_FAIL_RANK={rank}, a test hook)")
+    assert "dataset  loss" not in res.stdout
+    assert sorted(p.name for p in out.iterdir()) == []

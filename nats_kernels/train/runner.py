@@ -3,7 +3,9 @@ optionally with aw-loss and/or BRC) on a loss, a dataset and a seed, then the SP
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -136,10 +138,17 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def check_config(cfg: RunConfig) -> tuple[str, bool, bool]:
+def check_config(cfg: RunConfig, world: int = 1) -> tuple[str, bool, bool]:
     """Every error a run could raise on its settings, before any training (and before anything
     is written): a ``ValueError`` whose message starts with the setting's name. Returns
-    ``parse_scheme(cfg.scheme)``."""
+    ``parse_scheme(cfg.scheme)``.
+
+    ``world``: the number of processes that will train the run together (see :func:`run`); the
+    global batch (and annealed-cfg's ``cfg_N`` and ``cfg_batch``) must split evenly over them,
+    and several processes train on cpu (gloo) or on cuda (nccl, one GPU per process)."""
+    if not _is_int(world) or world < 1:
+        raise ValueError(f"world: expected an integer >= 1 (the number of processes), "
+                         f"got {world!r}")
     base, use_aw, use_brc = parse_scheme(cfg.scheme)
     get_dataset(cfg.dataset)
     get_loss(cfg.loss)
@@ -176,22 +185,116 @@ def check_config(cfg: RunConfig) -> tuple[str, bool, bool]:
             raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
     if not _is_real(cfg.cfg_eta) or not math.isfinite(cfg.cfg_eta) or cfg.cfg_eta <= 0:
         raise ValueError(f"cfg_eta: expected a finite step size > 0, got {cfg.cfg_eta!r}")
-    check_device(cfg.device)
+    dev = check_device(cfg.device)
+    if world > 1:
+        split = [("batch", "the global batch")]
+        if base == "annealed-cfg":
+            split += [("cfg_N", "annealed-cfg's approximator samples per stage"),
+                      ("cfg_batch", "annealed-cfg's approximator batch")]
+        for name, what in split:
+            v = getattr(cfg, name)
+            if v % world:
+                raise ValueError(f"{name}: {v} does not split evenly over {world} processes "
+                                 f"({what} is divided among them); use a multiple of {world}")
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device: {cfg.device!r}: {world} processes train on cpu (gloo) "
+                             f"or cuda (nccl), not on {dev.type!r}")
+        if dev.type == "cuda" and dev.index is not None:
+            raise ValueError(f"device: {cfg.device!r} names one GPU, but each of the {world} "
+                             f"processes trains on its own (cuda:<local rank>); pass 'cuda'")
     return base, use_aw, use_brc
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s real batches and latents (and, plus one, of its other draws):
+    ``seed`` itself on rank 0, so that one process draws exactly what it always drew; on the
+    other ranks a hash of (seed, rank) in [0, 2**64 - 2], a stream of its own."""
+    if rank == 0:
+        return seed
+    digest = hashlib.blake2b(f"nats-kernels train {seed} {rank}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") % (2**64 - 1)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default ``torch.distributed`` process group; (0, 1) without
+    one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rank_device(device: str, world: int) -> torch.device:
+    """The device this rank trains on: ``device`` itself for one process; for several, a cuda
+    rank uses ``cuda:<LOCAL_RANK>`` (torchrun's variable) or else ``cuda:<rank % GPU count>``."""
+    dev = torch.device(device)
+    if world == 1 or dev.type != "cuda":
+        return dev
+    import torch.distributed as dist
+
+    local = os.environ.get("LOCAL_RANK")
+    index = int(local) if local is not None else dist.get_rank() % torch.cuda.device_count()
+    return torch.device("cuda", index)
+
+
+def _data_parallel(module: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """``module`` wrapped in DistributedDataParallel for several processes, else itself."""
+    if world == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        return DistributedDataParallel(module, device_ids=[device.index])
+    return DistributedDataParallel(module)
+
+
+#: A private test hook (tests/test_train.py), not a setting: the rank named by this environment
+#: variable raises after its first discriminator step, to check that a failing rank ends a
+#: several-process command at once.
+_FAIL_RANK_VARIABLE = "NATS_KERNELS_TRAIN_FAIL_RANK"
+
+
+def _with_fail_hook(progress, rank: int):
+    if os.environ.get(_FAIL_RANK_VARIABLE) != str(rank):
+        return progress
+
+    def failing(n):
+        if progress is not None:
+            progress(n)
+        raise RuntimeError(f"rank {rank} fails on purpose ({_FAIL_RANK_VARIABLE}={rank}, a "
+                           f"test hook)")
+
+    return failing
 
 
 def run(cfg: RunConfig, progress=None) -> dict:
     """Train one GAN and evaluate it. ``progress`` is an optional callable(n) told of every
     finished discriminator step (the CLI's progress bar). Returns the results.json record, with
-    the evaluation samples under the key ``samples`` (a CPU tensor, for the figure)."""
-    base, use_aw, use_brc = check_config(cfg)
+    the evaluation samples under the key ``samples`` (a CPU tensor, for the figure).
+
+    Data-parallel: called on every rank of an initialized ``torch.distributed`` process group
+    of W > 1 processes (``nats-kernels train --nproc W``, or torchrun), the ranks train one run
+    together. Both networks are built identically on every rank and wrapped in
+    DistributedDataParallel (a cuda rank on ``cuda:<local rank>``); each rank draws its own real
+    batches and latents (rank 0 from ``seed`` as one process does, the others from
+    :func:`rank_seed`) of ``batch // W`` rows (annealed-cfg: ``cfg_N // W`` approximator samples
+    in batches of ``cfg_batch // W``), and the gradients are averaged over the ranks: the
+    gradient of the global batch. Every rank evaluates ``eval_samples`` points of its own (the
+    generator is the same on all) and returns its record; ``nproc`` in the record is W. Without
+    a process group (or with one of one process) nothing of this happens."""
+    rank, world = _rank_and_world()
+    base, use_aw, use_brc = check_config(cfg, world)
+    progress = _with_fail_hook(progress, rank)
     mixture = get_dataset(cfg.dataset)
     loss = get_loss(cfg.loss)
-    device = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    device = _rank_device(cfg.device, world)
+    seed = rank_seed(cfg.seed, rank)
+    torch.manual_seed(cfg.seed)  # the same initial networks on every rank
+    gen = torch.Generator(device=device).manual_seed(seed)
     G = mlp(cfg.z_dim, mixture.dim, cfg.width).to(device)
     D = mlp(mixture.dim, 1, cfg.width).to(device)
+    G_dp, D_dp = _data_parallel(G, device, world), _data_parallel(D, device, world)
 
     def z(n):
         return torch.randn(n, cfg.z_dim, generator=gen, device=device)
@@ -201,10 +304,11 @@ def run(cfg: RunConfig, progress=None) -> dict:
 
     start = time.perf_counter()
     if base == "annealed-cfg":
-        counts, sampler, extra = _run_cfg(cfg, G, D, use_aw, z, real, progress)
+        counts, sampler, extra = _run_cfg(cfg, world, seed, G_dp, D_dp, use_aw, z, real,
+                                          progress)
     else:
-        counts, sampler, extra = _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real,
-                                             progress)
+        counts, sampler, extra = _run_nested(cfg, world, seed, base, G, D, G_dp, D_dp, loss,
+                                             use_aw, use_brc, z, real, progress)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
@@ -216,6 +320,7 @@ def run(cfg: RunConfig, progress=None) -> dict:
     record.update(metrics)
     record.update(
         n_modes=mixture.n_modes,
+        nproc=world,
         d_steps=counts[0],
         g_steps=counts[1],
         wall_seconds=wall,
@@ -243,12 +348,20 @@ class _CountingAW:
         return self.cases[1:].tolist()
 
 
-def _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real, progress):
+def _run_nested(cfg, world, seed, base, G, D, G_dp, D_dp, loss, use_aw, use_brc, z, real,
+                progress):
+    """``G``, ``D``: the networks; ``G_dp``, ``D_dp``: the same, DDP-wrapped for several
+    processes. A forward goes through a wrapper only where a plain ``backward()`` must average
+    its gradients over the ranks (D's plain step, G's plain step); AWLoss and BRC average their
+    own (they take the wrappers), and the no-grad and evaluation forwards use the networks."""
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=cfg.betas)
     device = next(G.parameters()).device
-    aw = _CountingAW(D, device) if use_aw else None
-    brc = schemes.BRC(G, D) if use_brc else None
+    aw = _CountingAW(D_dp, device) if use_aw else None
+    brc = schemes.BRC(G_dp, D_dp) if use_brc else None
+    batch = cfg.batch // world
+    D_d = D if aw is not None else D_dp  # the discriminator step's forward
+    G_g = G if brc is not None else G_dp  # the generator step's forward
     if base == "cts":
         n_d, weights = 1, None
     elif base == "nts":
@@ -256,17 +369,17 @@ def _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real, progress):
     else:  # nats: the decreasing geometric weights, as Python numbers
         n_d = cfg.n_d
         weights = annealed_weights(cfg.w_first, cfg.w_last, n_d, dtype=torch.float64).tolist()
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
     r_sum = torch.zeros((), dtype=torch.float64, device=device)
 
     def d_step():
-        xr = real(cfg.batch)
+        xr = real(batch)
         with torch.no_grad():
-            xf = G(z(cfg.batch))
-        real_logits, fake_logits = D(xr), D(xf)
+            xf = G(z(batch))
+        real_logits, fake_logits = D_d(xr), D_d(xf)
         loss_real, loss_fake = loss.real(real_logits), loss.fake(fake_logits)
         if loss.gp_weight:
-            loss_fake = loss_fake + loss.penalty(D, xr, xf, gen)
+            loss_fake = loss_fake + loss.penalty(D_d, xr, xf, gen)
         opt_d.zero_grad(set_to_none=True)
         if aw is not None:
             aw.backward(loss_real, loss_fake, real_logits, fake_logits)
@@ -275,13 +388,15 @@ def _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real, progress):
         opt_d.step()
 
     def g_step(w):
-        fake = G(z(cfg.batch))
+        fake = G_g(z(batch))
+        # D's gradients from here are dropped (opt_g steps G only; D's step zeroes them first),
+        # so the plain network: no all-reduce of them
         fake_logits = D(fake)
         F_loss = w * loss.gen(fake_logits)
         opt_g.zero_grad(set_to_none=True)
         if brc is not None:
             # f: the discriminator's loss on the same, non-detached fake batch (SPEC §5)
-            f = loss.real(D(real(cfg.batch))) + loss.fake(fake_logits)
+            f = loss.real(D(real(batch))) + loss.fake(fake_logits)
             r_sum.add_(brc.backward(F_loss, f))  # BRC's r, summed on device
         else:
             F_loss.backward()
@@ -313,27 +428,30 @@ def _run_nested(cfg, base, G, D, loss, use_aw, use_brc, z, real, progress):
     return (d_steps, g_steps), sampler, extra
 
 
-def _run_cfg(cfg, G, D, use_aw, z, real, progress):
+def _run_cfg(cfg, world, seed, G, D, use_aw, z, real, progress):
+    """``G``, ``D``: DDP-wrapped for several processes (AnnealedCFG unwraps them to generate);
+    each rank fits its own ``cfg_N // world`` samples in batches of ``cfg_batch // world``."""
     device = next(G.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
     aw = _CountingAW(D, device) if use_aw else None
+    batch, n, n_batch = cfg.batch // world, cfg.cfg_N // world, cfg.cfg_batch // world
     model = schemes.AnnealedCFG(
         G, D, M=cfg.cfg_M, eta=cfg.cfg_eta, z_dim=cfg.z_dim, lr=cfg.cfg_lr,
         weights=annealed_weights(cfg.w_first, cfg.w_last, cfg.cfg_M),
-        batch_size=cfg.cfg_batch, N=cfg.cfg_N, x_epochs=cfg.cfg_x_epochs, rng=gen,
+        batch_size=n_batch, N=n, x_epochs=cfg.cfg_x_epochs, rng=gen,
         d_backward=aw.backward if aw is not None else None,
     )
 
     def real_batches():
         while True:
-            yield real(cfg.batch)
+            yield real(batch)
 
     source = real_batches()
     d_steps = g_steps = 0
     while d_steps < cfg.steps:  # whole stages: the budget rounds up to a multiple of M
         model.train_stage(source)
         d_steps += cfg.cfg_M
-        g_steps += cfg.cfg_x_epochs * -(-cfg.cfg_N // cfg.cfg_batch)
+        g_steps += cfg.cfg_x_epochs * -(-n // n_batch)
         if progress is not None:
             progress(cfg.cfg_M)
     extra = {"aw_case_counts": aw.counts()} if aw is not None else {}
