@@ -73,3 +73,30 @@ def test_make_results_renders_a_table_per_op(smoke_run):
     table_rows = [line for line in rows if line.count("|") == 10 and "`" in line]
     assert len(table_rows) == n_benches
     assert any("`official_loop` |" in line and "1.00x" in line for line in table_rows)
+
+
+def test_distributed_benchmark_runs_and_counts_the_volume(tmp_path):
+    """benchmarks/distributed.py on 1 and 2 gloo processes, one timed step: every row is there
+    and the all-reduce volume the schemes send is what their docstrings say (aw: D's gradients
+    twice plus six float64 statistics; BRC: D's twice plus G's once; one all-reduce per
+    bucket)."""
+    path = tmp_path / "dist.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--nproc", "1", "2",
+           "--steps", "1", "--models", "train MLP", "--json", str(path), "--md",
+           str(tmp_path / "dist.md")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["world"], r["step"]) for r in rows} == {
+        (w, s) for w in (1, 2) for s in ("D plain", "D aw", "G plain", "G brc")}
+    for r in rows:
+        assert r["ms"] > 0
+        if r["world"] == 1:
+            assert r["allreduce_bytes"] == 0
+            continue
+        d, g = r["d_grad_bytes"], r["g_grad_bytes"]
+        want = {"D plain": d, "D aw": 2 * d + 6 * 8, "G plain": g + d, "G brc": 2 * d + g}
+        assert r["allreduce_bytes"] == want[r["step"]], r
+        if r["step"] in ("D aw", "G brc"):
+            assert r["our_allreduce_calls"] == 2, r  # one flat buffer each, plus stats / G
+    assert "| 2 | train MLP | D aw |" in (tmp_path / "dist.md").read_text()
