@@ -13,7 +13,6 @@ helpers (providers, rooflines, agreement checks, model shapes) are in ``nkbench.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 
 import nkbench
@@ -30,17 +29,6 @@ def pytest_collect_file(file_path, parent):
             and not parent.session.isinitpath(file_path)):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _gpu_info() -> dict:
@@ -69,7 +57,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "nk_skipped": skipped,
         "nk_backends": {b: {"available": i["available"], "ops": i["ops"]}
                         for b, i in nk.backends().items()},
-        "cpu_model": _cpu_model(),
+        "cpu_model": nkbench.cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_version": torch.__version__,
         "nk_device": nkbench.DEVICE.type,

@@ -31,13 +31,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
 import tempfile
 import time
 
+import nkbench  # benchmarks/ (the script's folder)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -204,17 +204,6 @@ def run_world(world, device_type, steps, timeout):
             return json.load(f)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def markdown(rows, meta) -> str:
     out = [f"Distributed scheme steps, {meta['device']} ({meta['command']}); torch "
            f"{meta['torch']}, {meta['date']}.", "",
@@ -256,7 +245,7 @@ def main(argv=None) -> int:
     for world in args.nproc:
         rows += run_world(world, args.device, args.steps, args.timeout)
     device = (torch.cuda.get_device_name(0) if args.device == "cuda"
-              else f"{cpu_name()}, {os.cpu_count()} CPUs")
+              else f"{nkbench.cpu_model()}, {os.cpu_count()} CPUs")
     meta = dict(device=device, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                 command="python benchmarks/distributed.py " + " ".join(sys.argv[1:]))
     table = markdown(rows, meta)

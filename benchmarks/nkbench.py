@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import platform
 import time
 from collections.abc import Callable, Sequence
 
@@ -455,3 +456,15 @@ def numel(shapes: Sequence[tuple]) -> int:
 
 def randn_list(shapes: Sequence[tuple], gen: torch.Generator, scale: float = 1.0) -> list:
     return [randn(s, gen, scale) for s in shapes]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

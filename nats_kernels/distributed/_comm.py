@@ -9,6 +9,7 @@ concatenated batch when each rank's loss is a mean over an equal-sized local bat
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,31 @@ from torch import Tensor, nn
 #: Bytes per flat all-reduce buffer when the module is not DDP-wrapped (DDP's own default,
 #: ``bucket_cap_mb=25``); a DDP-wrapped module's ``bucket_bytes_cap`` is used otherwise.
 DEFAULT_BUCKET_BYTES = 25 * 2**20
+
+
+@dataclass(frozen=True)
+class Sync:
+    """How a scheme reduces: over ``group`` (None: one process, nothing to reduce), in flat
+    buffers of ``bucket_bytes``, exchanging the map of reached parameters when a DDP wrapper
+    says they may differ between ranks (``find_unused``)."""
+
+    group: object
+    bucket_bytes: int
+    find_unused: bool
+
+
+def setup(what: str, process_group, layouts: dict[str, Sequence[Tensor]] | None = None, *,
+          autograd_grad: bool = True, **modules: nn.Module) -> Sync:
+    """What a scheme's constructor decides once: the DDP options it cannot live with (only
+    when it takes gradients with ``torch.autograd.grad``), the group, the bucket size, and that
+    every rank holds the same trainable parameters (each list of ``layouts``)."""
+    if autograd_grad:
+        check_ddp_options(what, **modules)
+    group = resolve_group(process_group, **modules)
+    if group is not None:
+        for name, params in (layouts or {}).items():
+            check_same_layout(group, f"{what} ({name})", params)
+    return Sync(group, bucket_bytes(**modules), finds_unused(**modules))
 
 
 def _ddp_type():

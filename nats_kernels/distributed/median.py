@@ -51,14 +51,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .. import _validate as v
-from ..ops.median import DEFAULT_MEMORY_BUDGET, MAX_MEMORY_BUDGET
+from ..ops.median import check_memory_budget
 from ..ops.median import median_pairwise_distance as _single_process
 from ..reference.median import radix_median
 
@@ -164,15 +163,7 @@ def _check_local(x, y, squared, memory_budget) -> tuple[bool, int]:
         if y.dim() != x.dim() or y.shape[1:] != x.shape[1:]:
             want = f"(M, {', '.join(map(str, x.shape[1:]))})"
             raise ValueError(f"y must have shape {want} to match x, got {tuple(y.shape)}")
-    if memory_budget is None:
-        memory_budget = DEFAULT_MEMORY_BUDGET
-    elif isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral):
-        raise TypeError(f"memory_budget must be an int (bytes), got {type(memory_budget).__name__}")
-    elif not 0 < memory_budget <= MAX_MEMORY_BUDGET:
-        raise ValueError(
-            f"memory_budget must be a positive number of bytes up to 2**63 - 1, got {memory_budget}"
-        )
-    return squared, int(memory_budget)
+    return squared, check_memory_budget(memory_budget)
 
 
 def _digest(feat: tuple[int, ...]) -> int:

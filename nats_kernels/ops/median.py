@@ -28,6 +28,20 @@ def _(x, y, squared, memory_budget):
     return x.new_empty((x.shape[0],))
 
 
+def check_memory_budget(memory_budget) -> int:
+    """``memory_budget`` as an int: :data:`DEFAULT_MEMORY_BUDGET` for None, else a positive int
+    that fits the schema's int64 (TypeError / ValueError otherwise)."""
+    if memory_budget is None:
+        return DEFAULT_MEMORY_BUDGET
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral):
+        raise TypeError(f"memory_budget must be an int (bytes), got {type(memory_budget).__name__}")
+    if not 0 < memory_budget <= MAX_MEMORY_BUDGET:
+        raise ValueError(
+            f"memory_budget must be a positive number of bytes up to 2**63 - 1, got {memory_budget}"
+        )
+    return int(memory_budget)
+
+
 def median_pairwise_distance(
     x: Tensor,
     y: Tensor | None = None,
@@ -95,13 +109,6 @@ def median_pairwise_distance(
         if n < 1 or m < 1:
             raise ValueError(f"x and y must each hold at least 1 sample, got N = {n}, M = {m}")
         yb = y.reshape(batch, m, d)
-    if memory_budget is None:
-        memory_budget = DEFAULT_MEMORY_BUDGET
-    elif isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral):
-        raise TypeError(f"memory_budget must be an int (bytes), got {type(memory_budget).__name__}")
-    elif not 0 < memory_budget <= MAX_MEMORY_BUDGET:
-        raise ValueError(
-            f"memory_budget must be a positive number of bytes up to 2**63 - 1, got {memory_budget}"
-        )
-    result = _median_op(xb, yb, squared, int(memory_budget))
+    memory_budget = check_memory_budget(memory_budget)
+    result = _median_op(xb, yb, squared, memory_budget)
     return result if batched else result[0]

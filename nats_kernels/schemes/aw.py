@@ -210,12 +210,9 @@ class AWLoss:
     ) -> None:
         self.discriminator = _module("discriminator", discriminator)
         params = _trainable("discriminator", discriminator)
-        _comm.check_ddp_options("AWLoss", discriminator=discriminator)
-        self.process_group = _comm.resolve_group(process_group, discriminator=discriminator)
-        self._bucket_bytes = _comm.bucket_bytes(discriminator=discriminator)
-        self._find_unused = _comm.finds_unused(discriminator=discriminator)
-        if self.process_group is not None:
-            _comm.check_same_layout(self.process_group, "AWLoss", params)
+        self._sync = _comm.setup("AWLoss", process_group, {"discriminator": params},
+                                 discriminator=discriminator)
+        self.process_group = self._sync.group
         self.normalized = v.flag("normalized", normalized)
         self.alpha1 = v.finite("alpha1", alpha1)
         self.alpha2 = v.finite("alpha2", alpha2)
@@ -343,12 +340,13 @@ class AWLoss:
                              losses[1].to(torch.float64)])
         n = len(params)
         used = [a is not None or b is not None for a, b in zip(g_r, g_f)]
-        if self._find_unused:  # the parameters reached may differ between ranks
+        sync = self._sync
+        if sync.find_unused:  # the parameters reached may differ between ranks
             extra = torch.cat([extra, _comm.used_flags(used, extra)])
         views = _comm.mean_over_ranks(
-            list(g_r) + list(g_f), params + params, self.process_group, self._bucket_bytes, extra
+            list(g_r) + list(g_f), params + params, sync.group, sync.bucket_bytes, extra
         )
-        if self._find_unused:  # one host read, as DDP's find_unused_parameters makes
+        if sync.find_unused:  # one host read, as DDP's find_unused_parameters makes
             used = (extra[6:] > 0).tolist()
         g_r = [vw if u else None for vw, u in zip(views[:n], used)]
         g_f = [vw if u else None for vw, u in zip(views[n:], used)]

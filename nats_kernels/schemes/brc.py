@@ -114,15 +114,9 @@ class BRC:
             )
         p_g = _trainable("generator", generator)
         p_d = _trainable("discriminator", discriminator)
-        _comm.check_ddp_options("BRC", discriminator=discriminator, generator=generator)
-        self.process_group = _comm.resolve_group(
-            process_group, discriminator=discriminator, generator=generator
-        )
-        self._find_unused = _comm.finds_unused(discriminator=discriminator, generator=generator)
-        self._bucket_bytes = _comm.bucket_bytes(discriminator=discriminator, generator=generator)
-        if self.process_group is not None:
-            _comm.check_same_layout(self.process_group, "BRC (discriminator)", p_d)
-            _comm.check_same_layout(self.process_group, "BRC (generator)", p_g)
+        self._sync = _comm.setup("BRC", process_group, {"discriminator": p_d, "generator": p_g},
+                                 discriminator=discriminator, generator=generator)
+        self.process_group = self._sync.group
         eps = v.number("eps", eps)
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be finite and >= 0, got {eps}")
@@ -236,11 +230,11 @@ class BRC:
         (linear in the local gradients once r is global) averaged in one more all-reduce per
         bucket and accumulated into ``.grad``. The generator's ``.grad`` of a parameter neither
         loss reached on this rank is left alone."""
-        group, limit = self.process_group, self._bucket_bytes
+        group, limit = self._sync.group, self._sync.bucket_bytes
         n = len(p_d)
         used = [a is not None or b is not None for a, b in zip(gf_d, gF_d)]
         used_g = [a is not None or b is not None for a, b in zip(gF_g, gf_g)]
-        extra = _comm.used_flags(used + used_g, p_d[0]) if self._find_unused else None
+        extra = _comm.used_flags(used + used_g, p_d[0]) if self._sync.find_unused else None
         views = _comm.mean_over_ranks(list(gf_d) + list(gF_d), p_d + p_d, group, limit, extra)
         if extra is not None:  # one host read, as DDP's find_unused_parameters makes
             flags = (extra > 0).tolist()

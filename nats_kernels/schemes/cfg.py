@@ -229,12 +229,12 @@ class AnnealedCFG:
 
         # Several processes: the DDP wrappers (or process_group=) decide the group; samples are
         # generated and moved with the wrapped modules themselves (no collective per rank).
-        self.process_group = _comm.resolve_group(
-            process_group, generator=generator, discriminator=discriminator
-        )
+        # (its own steps use backward(), so DDP's static_graph is fine here)
+        self._sync = _comm.setup("AnnealedCFG", process_group, autograd_grad=False,
+                                 generator=generator, discriminator=discriminator)
+        self.process_group = self._sync.group
         self._G, self._D = _comm.unwrap(generator), _comm.unwrap(discriminator)
         self._sync_g = self._sync_d = False
-        self._bucket_bytes = _comm.bucket_bytes(generator=generator, discriminator=discriminator)
         if self.process_group is not None:
             # A module that is not DDP-wrapped starts from rank 0's state (as DDP would) and has
             # its gradients averaged here; D's only when this class runs its backward.
@@ -524,7 +524,7 @@ class AnnealedCFG:
         None here)."""
         params = [p for p in module.parameters() if p.requires_grad]
         grads = [p.grad for p in params]
-        buffers, views = _comm.flat_buffers(grads, params, self._bucket_bytes)
+        buffers, views = _comm.flat_buffers(grads, params, self._sync.bucket_bytes)
         _comm.all_reduce_mean_(buffers, self.process_group)
         have = [(g, vw) for g, vw in zip(grads, views) if g is not None]
         if have:

@@ -248,12 +248,9 @@ class NestedTrainer:
                 raise ValueError("accumulate mode found no generator parameter requiring grad")
             self._params = params
             self._acc_weights: dict[tuple, Tensor] = {}
-            _comm.check_ddp_options("NestedTrainer", generator=generator)
-            self.process_group = _comm.resolve_group(process_group, generator=generator)
-            self._find_unused = _comm.finds_unused(generator=generator)
-            self._bucket_bytes = _comm.bucket_bytes(generator=generator)
-            if self.process_group is not None:
-                _comm.check_same_layout(self.process_group, "NestedTrainer", params)
+            self._sync = _comm.setup("NestedTrainer", process_group, {"generator": params},
+                                     generator=generator)
+            self.process_group = self._sync.group
         else:
             self.process_group = None
         self.d_steps = 0
@@ -368,9 +365,9 @@ class NestedTrainer:
         if self.process_group is not None:
             # the weighted sum is linear: its mean over ranks is the sum of the means, one
             # flat all-reduce per bucket per block (a parameter no loss reached counts as zeros)
-            buffers, views = _comm.flat_buffers(written, params, self._bucket_bytes)
+            buffers, views = _comm.flat_buffers(written, params, self._sync.bucket_bytes)
             used = [g is not None for g in written]
-            extra = _comm.used_flags(used, params[0]) if self._find_unused else None
+            extra = _comm.used_flags(used, params[0]) if self._sync.find_unused else None
             _comm.all_reduce_mean_(buffers, self.process_group, extra)
             if extra is not None:  # one host read, as DDP's find_unused_parameters makes
                 for p, g, vw, u in zip(params, written, views, (extra > 0).tolist()):
