@@ -11,14 +11,20 @@ import os
 
 import torch
 
-from . import _dispatch
+from . import _compat, _dispatch
 
 
 def _register_ext(backend: str, dispatch_key: str) -> None:
-    """Route each ext op that has a kernel for ``dispatch_key`` to the compiled backend."""
-    for op in _dispatch.KERNEL_OPS:
-        if torch._C._dispatch_has_kernel_for_dispatch_key(f"nats_kernels_ext::{op}", dispatch_key):
-            _dispatch.register(backend, op)(getattr(torch.ops.nats_kernels_ext, op))
+    """Route each ext op that has a kernel for ``dispatch_key`` to the compiled backend. If torch
+    can no longer tell (see ``_compat``), the backend is marked unavailable, saying why."""
+    try:
+        ops = [op for op in _dispatch.KERNEL_OPS
+               if _compat.has_kernel(f"nats_kernels_ext::{op}", dispatch_key)]
+    except _compat.PrivateAPIError as e:
+        _dispatch.mark_unavailable(backend, str(e))
+        return
+    for op in ops:
+        _dispatch.register(backend, op)(getattr(torch.ops.nats_kernels_ext, op))
 
 
 def _unbuilt_checkout_hint(here: str = os.path.dirname(os.path.abspath(__file__))) -> str:
@@ -34,29 +40,31 @@ def _unbuilt_checkout_hint(here: str = os.path.dirname(os.path.abspath(__file__)
             "`pip install --no-build-isolation -e .`")
 
 
-def _load_cpu() -> None:
+def _load_ext(backend: str, module: str, dispatch_key: str, why) -> None:
+    """Import the compiled extension ``module`` and register its ``dispatch_key`` kernels as
+    ``backend``; if it cannot be imported, mark ``backend`` unavailable with ``why(error)``."""
     try:
-        importlib.import_module("nats_kernels._C")
+        importlib.import_module(module)
     except ImportError as e:
-        _dispatch.mark_unavailable(
-            "cpu", f"C++ extension not built or not loadable ({e}); reinstall with "
-            "`pip install --no-build-isolation -e .` without NATS_KERNELS_SKIP_EXT"
-            + _unbuilt_checkout_hint()
-        )
+        _dispatch.mark_unavailable(backend, why(e))
         return
-    _register_ext("cpu", "CPU")
+    _register_ext(backend, dispatch_key)
+
+
+def _load_cpu() -> None:
+    _load_ext("cpu", "nats_kernels._C", "CPU", lambda e: (
+        f"C++ extension not built or not loadable ({e}); reinstall with "
+        "`pip install --no-build-isolation -e .` without NATS_KERNELS_SKIP_EXT"
+        + _unbuilt_checkout_hint()
+    ))
 
 
 def _load_cuda() -> None:
     if not torch.cuda.is_available():
         _dispatch.mark_unavailable("cuda", "no CUDA device visible to torch")
         return
-    try:
-        importlib.import_module("nats_kernels._cuda")
-    except ImportError as e:
-        _dispatch.mark_unavailable("cuda", f"CUDA extension not built or not loadable ({e})")
-        return
-    _register_ext("cuda", "CUDA")
+    _load_ext("cuda", "nats_kernels._cuda", "CUDA",
+              lambda e: f"CUDA extension not built or not loadable ({e})")
 
 
 def _load_triton() -> None:

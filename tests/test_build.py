@@ -70,8 +70,8 @@ import nats_kernels
 import nats_kernels._cuda
 from nats_kernels._dispatch import KERNEL_OPS
 
-missing = [op for op in KERNEL_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(
-    f"nats_kernels_ext::{op}", "CUDA")]
+from nats_kernels._compat import has_kernel
+missing = [op for op in KERNEL_OPS if not has_kernel(f"nats_kernels_ext::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"
 print("cuda kernels:", len(KERNEL_OPS))
 """

@@ -1,4 +1,4 @@
-"""PyTorch reference of SPEC §3: exact median of pairwise Euclidean distances, memory-bounded.
+"""PyTorch reference of design §3: exact median of pairwise Euclidean distances, memory-bounded.
 
 Algorithm (the same one the compiled backends implement):
 
@@ -81,6 +81,49 @@ def _pow2(e: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     if work == torch.float64:
         return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
     return ((e + 127) << 23).view(torch.float32)
+
+
+class Scaled(NamedTuple):
+    """The prepared inputs of step 1 (see :func:`scale_and_centre`)."""
+
+    a: torch.Tensor  # (B, n, d) x * 2**-e, centred, in the work dtype
+    b: torch.Tensor  # (B, m, d) likewise for y; a itself for the pairwise form
+    norm_a: torch.Tensor  # (B, n) squared row norms of a
+    norm_b: torch.Tensor  # (B, m) of b; norm_a itself for the pairwise form
+    exponent: torch.Tensor  # (B,) int32 e: the inputs were scaled by 2**-e
+
+
+def scale_and_centre(x, y, work: torch.dtype, *, contiguous: bool = False) -> Scaled:
+    """Step 1 of the module docstring, on device (shared with the Triton backend): scale each
+    problem by 2**-e (:func:`_pow2_exponent`), centre the points on their mean (of x alone for the
+    pairwise form, y None; of x and y together otherwise) and take the squared row norms.
+    ``contiguous``: the work copies are new contiguous tensors, else they take x's (y's) layout.
+    Either way they hold the same values; the means and norms are torch reductions over them."""
+    batch, n, d = x.shape
+    if d > 0:
+        exponent = _pow2_exponent(x, y, work)
+    else:
+        exponent = torch.zeros(batch, dtype=torch.int32, device=x.device)
+    down = _pow2(-exponent, work).view(batch, 1, 1)
+
+    def scaled(t):
+        if not contiguous:
+            return t * down  # a new tensor in the work dtype (type promotion)
+        out = torch.empty(t.shape, dtype=work, device=t.device)
+        return torch.mul(t, down, out=out)
+
+    a = scaled(x)  # centred in place below
+    if y is None:
+        a -= a.mean(1, keepdim=True)
+        b = a
+    else:
+        b = scaled(y)
+        centre = (a.sum(1, keepdim=True) + b.sum(1, keepdim=True)) / (n + y.shape[1])
+        a -= centre
+        b -= centre
+    norm_a = (a * a).sum(-1)
+    norm_b = norm_a if y is None else (b * b).sum(-1)
+    return Scaled(a, b, norm_a, norm_b, exponent)
 
 
 def _tiles(n: int, m: int, t: int, pairwise: bool):
@@ -192,7 +235,7 @@ def radix_median(
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     key_dtype = torch.int64 if work == torch.float64 else torch.int32
     key_bits = _key_bits(x.dtype)
-    batch, n, d = x.shape
+    batch, n, _ = x.shape
     device = x.device
 
     pairwise = y is None
@@ -203,23 +246,7 @@ def radix_median(
     nonfinite = ~torch.isfinite(x).flatten(1).all(1)
     if not pairwise:
         nonfinite |= ~torch.isfinite(y).flatten(1).all(1)
-    if d > 0:
-        exponent = _pow2_exponent(x, y, work)
-    else:
-        exponent = torch.zeros(batch, dtype=torch.int32, device=device)
-    down = _pow2(-exponent, work).view(batch, 1, 1)
-    # x * down is a new tensor in the work dtype (type promotion), centred in place.
-    a = x * down
-    if pairwise:
-        a -= a.mean(1, keepdim=True)
-        b = a
-    else:
-        b = y * down
-        centre = (a.sum(1, keepdim=True) + b.sum(1, keepdim=True)) / (n + m)
-        a -= centre
-        b -= centre
-    norm_a = (a * a).sum(-1)
-    norm_b = norm_a if pairwise else (b * b).sum(-1)
+    a, b, norm_a, norm_b, exponent = scale_and_centre(x, y, work)
 
     plan = tile_plan(batch, n, m, pairwise, x.dtype, memory_budget)
     blocks = plan.blocks[rank::world]

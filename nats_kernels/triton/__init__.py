@@ -39,8 +39,8 @@ not Triton's compiler: the typing of the tuple arguments and of the slot-selecti
 the float64 argument annotations, ``do_not_specialize``, vectorized loads, and floating-point
 contraction (the compiler may fuse ``a + b * c`` into one FMA, so compiled results can differ
 from interpreted ones in the last bit, deterministically). tests/test_triton_interpret.py
-compiles every kernel variant the launchers produce down to an sm_90 cubin without a GPU, but
-nothing here has been run or timed on one.
+compiles every kernel variant the launchers produce down to an sm_90 cubin without a GPU. What
+has run where: the Status paragraph of README.md.
 """
 
 from . import aw, cfg, iga, median  # noqa: F401  (register the kernels)

@@ -4,12 +4,14 @@ multi-tensor launch plan and the small ``@triton.jit`` helpers the kernels share
 Everything on the host side here reads tensor metadata only (shapes, strides, data pointers,
 storages): no device value is ever read back.
 
-The kernels call no ``@triton.jit`` function of their own, and reduce with
-``tl.reduce(x, 0, _sum_combine)`` (what ``tl.sum`` expands to for floating types) rather than
-``tl.sum``, and fill with ``tl.full`` rather than ``tl.zeros``: under TRITON_INTERPRET=1 each
-call of a device function re-patches ``triton.language`` (about 2 ms), which made the interpreted
-test suite several times slower.
-The few lines the kernels share (slot selection, 2-d offsets) are repeated instead.
+The kernels call no ``@triton.jit`` function of their own and fill with ``tl.full`` rather than
+``tl.zeros``: under TRITON_INTERPRET=1 each call of a device function re-patches
+``triton.language`` (a fraction of a millisecond to 2 ms), which made the interpreted test suite
+several times slower. The few lines the kernels share (slot selection, 2-d offsets, the loop of
+a chunk) are therefore repeated, deliberately, in each kernel. The exception is the public
+``tl.sum`` / ``tl.cumsum`` (one device-function call per program): the only public spelling of
+the sum that the interpreter runs as numpy's ``sum`` / ``cumsum`` (a combine function of our own
+would run element by element, in another order); compiled, it is the same reduction.
 
 Float scalar arguments that must keep float64 precision (eta, eps, the aw hyperparameters) are
 annotated ``"fp64"``: Triton types an unannotated Python float as float32. Triton reads the
@@ -39,7 +41,7 @@ RBLOCK = 1024
 
 
 def acc_tl(dtype: torch.dtype):
-    """SPEC's accumulation type as a Triton dtype: float64 for float64, float32 otherwise."""
+    """The accumulation type (design §9.1) in Triton: float64 for float64, float32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 

@@ -12,7 +12,6 @@ Launch layout: see ``_common.plan`` and the docstring of ``nats_kernels.triton``
 import torch
 import triton
 import triton.language as tl
-from triton.language.standard import _sum_combine
 
 from ._common import (
     BLOCK,
@@ -80,9 +79,9 @@ def _dots_partial_kernel(a_ptrs, b_ptrs, numels, starts, cols, a_st, b_st, part_
         bb += y * y
         ab += x * y
     slot = part_base + pid
-    tl.store(part_ptr + slot, tl.reduce(aa, 0, _sum_combine))
-    tl.store(part_ptr + n_parts + slot, tl.reduce(bb, 0, _sum_combine))
-    tl.store(part_ptr + 2 * n_parts + slot, tl.reduce(ab, 0, _sum_combine))
+    tl.store(part_ptr + slot, tl.sum(aa, 0))
+    tl.store(part_ptr + n_parts + slot, tl.sum(bb, 0))
+    tl.store(part_ptr + 2 * n_parts + slot, tl.sum(ab, 0))
 
 
 @triton.jit(do_not_specialize=["n_parts"])
@@ -97,13 +96,13 @@ def _dots_final_kernel(part_ptr, n_parts, out_ptr, eps: "fp64", RATIO: tl.conste
         aa += tl.load(part_ptr + j, mask=m, other=0)
         bb += tl.load(part_ptr + n_parts + j, mask=m, other=0)
         ab += tl.load(part_ptr + 2 * n_parts + j, mask=m, other=0)
-    sa = tl.reduce(aa, 0, _sum_combine)
-    sab = tl.reduce(ab, 0, _sum_combine)
+    sa = tl.sum(aa, 0)
+    sab = tl.sum(ab, 0)
     if RATIO:
         tl.store(out_ptr, sab / (sa + tl.full([], eps, ACC)))
     else:
         tl.store(out_ptr, sa)
-        tl.store(out_ptr + 1, tl.reduce(bb, 0, _sum_combine))
+        tl.store(out_ptr + 1, tl.sum(bb, 0))
         tl.store(out_ptr + 2, sab)
 
 
@@ -133,7 +132,8 @@ def _combine_kernel(o_ptrs, a_ptrs, b_ptrs, wa_ptr, wb_ptr, numels, starts, cols
                     b_st, K: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                     CONTIG: tl.constexpr, IGA: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
-    # The slot of this program, as in _dots_partial_kernel.
+    # The slot of this program, as in _dots_partial_kernel (repeated on purpose, like the chunk
+    # loop below: the kernels call no device function of their own, see _common's docstring).
     o = o_ptrs[0]
     a = a_ptrs[0]
     b = b_ptrs[0]

@@ -1,4 +1,4 @@
-"""Triton kernels of SPEC §4 (aw-loss): multi_dot, aw_weights, aw_combine_.
+"""Triton kernels of design §4 (aw-loss): multi_dot, aw_weights, aw_combine_.
 
 Same signatures and semantics as nats_kernels/reference/aw.py; arguments arrive validated.
 """
@@ -6,7 +6,6 @@ Same signatures and semantics as nats_kernels/reference/aw.py; arguments arrive 
 import torch
 import triton
 import triton.language as tl
-from triton.language.standard import _sum_combine
 
 from .._dispatch import register
 from ..reference.aw import NORM_EPS
@@ -48,8 +47,9 @@ def _sigmoid_partial_kernel(r_ptr, r_n, r_c, r_so, r_si, f_ptr, f_n, f_c, f_so, 
                 off = (i // r_c) * r_so + (i % r_c) * r_si
             x = tl.load(r_ptr + off, mask=m, other=0).to(R_ACC)
             total += tl.where(m, 1.0 / (1.0 + tl.exp(-x)), 0.0)
-        tl.store(part_ptr + pid, tl.reduce(total, 0, _sum_combine).to(tl.float64))
+        tl.store(part_ptr + pid, tl.sum(total, 0).to(tl.float64))
     else:  # own names: a variable set in both branches must have one type (R_ACC != F_ACC)
+        # The real branch's loop again, on purpose: no device function (see _common).
         f_begin = (pid - r_chunks).to(tl.int64) * CHUNK
         f_end = tl.minimum(f_begin + CHUNK, f_n)
         f_total = tl.full([BLOCK], 0, F_ACC)
@@ -62,7 +62,7 @@ def _sigmoid_partial_kernel(r_ptr, r_n, r_c, r_so, r_si, f_ptr, f_n, f_c, f_so, 
                 f_off = (f_i // f_c) * f_so + (f_i % f_c) * f_si
             f_x = tl.load(f_ptr + f_off, mask=f_m, other=0).to(F_ACC)
             f_total += tl.where(f_m, 1.0 / (1.0 + tl.exp(-f_x)), 0.0)
-        tl.store(part_ptr + pid, tl.reduce(f_total, 0, _sum_combine).to(tl.float64))
+        tl.store(part_ptr + pid, tl.sum(f_total, 0).to(tl.float64))
 
 
 @triton.jit(do_not_specialize=["r_chunks", "n_chunks", "d_stride"])
@@ -71,7 +71,7 @@ def _aw_rule_kernel(part_ptr, r_chunks, n_chunks, r_count: "fp64", f_count: "fp6
                     delta: "fp64", eps: "fp64", norm_eps: "fp64", NORMALIZED: tl.constexpr,  # noqa: F821
                     R_ACC: tl.constexpr, F_ACC: tl.constexpr, T: tl.constexpr,
                     RBLOCK: tl.constexpr):
-    """SPEC §4's table as the reference's tree of selects: comparisons with NaN are false, and a
+    """design §4's table as the reference's tree of selects: comparisons with NaN are false, and a
     branch that is not selected never contaminates the result."""
     # The means: partials added in chunk order (float64), divided by the count, rounded to the
     # logits' accumulation dtype (the reference's mean), then to the rule's math type T.
@@ -83,8 +83,8 @@ def _aw_rule_kernel(part_ptr, r_chunks, n_chunks, r_count: "fp64", f_count: "fp6
     for s in range(r_chunks, n_chunks, RBLOCK):
         j = s + tl.arange(0, RBLOCK)
         sum_f += tl.load(part_ptr + j, mask=j < n_chunks, other=0)
-    s_r = (tl.reduce(sum_r, 0, _sum_combine) / tl.full([], r_count, tl.float64)).to(R_ACC).to(T)
-    s_f = (tl.reduce(sum_f, 0, _sum_combine) / tl.full([], f_count, tl.float64)).to(F_ACC).to(T)
+    s_r = (tl.sum(sum_r, 0) / tl.full([], r_count, tl.float64)).to(R_ACC).to(T)
+    s_f = (tl.sum(sum_f, 0) / tl.full([], f_count, tl.float64)).to(F_ACC).to(T)
     rr = tl.load(d_ptr).to(T) + tl.full([], norm_eps, T)
     ff = tl.load(d_ptr + d_stride).to(T) + tl.full([], norm_eps, T)
     rf = tl.load(d_ptr + 2 * d_stride).to(T)

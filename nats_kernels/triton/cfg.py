@@ -1,4 +1,4 @@
-"""Triton kernels of SPEC §1: cfg_accumulate (stacked and list forms) and cfg_step_.
+"""Triton kernels of design §1: cfg_accumulate (stacked and list forms) and cfg_step_.
 
     out = x0 + sum_m c[m, row] * grads[m]
     c[m, row] = (acc(weights[m]) * acc(eta)) * acc(scale[m, row])
@@ -58,7 +58,8 @@ def _cfg_list_kernel(out_ptr, x_ptr, g_ptrs, w_ptr, s_ptr, eta: "fp64", numel, r
                      w_st, s_sm, s_sb, cols, o_so, o_si, x_so, x_si, g_st,
                      NG: tl.constexpr, HAS_SCALE: tl.constexpr, CONTIG: tl.constexpr,
                      BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """Steps m0 .. m0 + NG - 1, gradients g_ptrs[k] with strides g_st[2k], g_st[2k + 1]."""
+    """Steps m0 .. m0 + NG - 1, gradients g_ptrs[k] with strides g_st[2k], g_st[2k + 1]. Its
+    prologue repeats _cfg_stacked_kernel's on purpose: no device function (see _common)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < numel
     row = i // row_size

@@ -1,4 +1,4 @@
-"""Triton kernels of SPEC §5 (BRC / IGA): iga_ratio and iga_correction_.
+"""Triton kernels of design §5 (BRC / IGA): iga_ratio and iga_correction_.
 
 Same signatures and semantics as nats_kernels/reference/iga.py; arguments arrive validated.
 """

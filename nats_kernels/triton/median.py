@@ -1,4 +1,4 @@
-"""Triton kernel of SPEC §3: median_pairwise_distance, the exact lower median of pairwise (or
+"""Triton kernel of design §3: median_pairwise_distance, the exact lower median of pairwise (or
 cross) Euclidean distances, without the N x N matrix.
 
 Same signature and semantics as nats_kernels/reference/median.py; arguments arrive validated:
@@ -6,11 +6,12 @@ x (B, N, d), y (B, M, d) or None, squared, memory_budget > 0. Returns (B,) in x'
 
 Algorithm (the reference's, with the selection fused into the distance tiles):
 
-1. Preparation, torch ops on device: work in float32 (float64 for float64 inputs); scale each
-   problem by the power of two 2**-e that brings its coordinates below 1 in magnitude (e from
-   the largest |coordinate|, clamped as the reference does), centre on the mean, and take the
-   squared norms of the rows. A problem with NaN or Inf input has non-finite norms: the sum of
-   its norms flags it, and its result is NaN.
+1. Preparation, torch ops on device, the reference's own code
+   (``reference.median.scale_and_centre``, into contiguous copies): work in float32 (float64
+   for float64 inputs); scale each problem by the power of two 2**-e that brings its
+   coordinates below 1 in magnitude (e from the largest |coordinate|, clamped), centre on the
+   mean, and take the squared norms of the rows. A problem with NaN or Inf input has non-finite
+   norms: the sum of its norms flags it, and its result is NaN.
 2. ``_tile_hist_kernel``: grid (B, workers); each program walks the tiles t = w, w + workers,
    ... of its problem (for the pairwise form the tiles on or above the diagonal, the triangle
    folded into a rectangle so that a tile's coordinates take a division, no search; all tiles
@@ -53,8 +54,8 @@ launchers as they are (no GPU-only code path), but not Triton's compiler: the lo
 the layout of the reshape before the histogram, register allocation. The interpreter's dot is
 numpy's matmul of each K step added to the accumulator, the GPU's a chain of FMAs: both are
 deterministic, but interpreted and compiled keys of random data may differ in the last bits.
-tests/test_triton_median.py compiles every kernel variant for sm_90 without a GPU; nothing here
-has been run or timed on one.
+tests/test_triton_median.py compiles every kernel variant for sm_90 without a GPU. What has run
+where: the Status paragraph of README.md.
 """
 
 from dataclasses import dataclass
@@ -62,9 +63,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.language.standard import _sum_combine
 
 from .._dispatch import register
+from ..reference.median import scale_and_centre
 
 # Radix digit: bits per pass and bins per histogram.
 DIGIT = 11
@@ -76,6 +77,16 @@ BT = 128
 WORKERS = 1024
 # Keys per step of the stored-keys histogram.
 SBLOCK = 8192
+# The dot's K step: the feature count rounded up to a power of two, clamped to [BK_MIN, BK_MAX].
+BK_MIN = 8
+BK_MAX = 32
+# Warps per program: a tile program (BT * BT accumulators, 32 per thread at 16 warps) and a
+# stored-keys program. Launch parameters only: the counts do not depend on them.
+TILE_WARPS = 16
+STORED_WARPS = 8
+# The keys are stored when they take at most 1 / KEYS_SHARE of memory_budget (the reference's
+# rule: half).
+KEYS_SHARE = 2
 
 _NO_SPEC_TILE = ["n", "m", "d", "tiles_j", "n_tiles", "workers", "shift", "keys_sb"]
 _NO_SPEC_STORED = ["total", "workers", "shift", "keys_sb"]
@@ -187,16 +198,18 @@ def _select_kernel(counts_ptr, prefix_ptr, rank_ptr, exp_ptr, check_ptr, out_ptr
     bins = tl.arange(0, NBINS)
     counts = tl.load(counts_ptr + bat * NBINS + bins)
     tl.store(counts_ptr + bat * NBINS + bins, tl.full([NBINS], 0, tl.int64))
-    cumulative = tl.associative_scan(counts, 0, _sum_combine)
+    cumulative = tl.cumsum(counts, 0)
     rank = tl.load(rank_ptr + bat)
-    digit = tl.reduce((cumulative <= rank).to(tl.int64), 0, _sum_combine)
-    below = tl.reduce(tl.where(bins < digit, counts, 0), 0, _sum_combine)
+    digit = tl.sum((cumulative <= rank).to(tl.int64), 0)
+    below = tl.sum(tl.where(bins < digit, counts, 0), 0)
     prefix = (tl.load(prefix_ptr + bat) << DIGIT) | digit
     tl.store(rank_ptr + bat, rank - below)
     tl.store(prefix_ptr + bat, prefix)
     if FINAL:
         e = tl.load(exp_ptr + bat)
         value = prefix.to(KEY).to(T, bitcast=True)
+        # up = 2**e from its IEEE exponent field (bias 1023 / 127 above 52 / 23 fraction bits):
+        # reference.median._pow2 on device.
         if T == tl.float64:
             up = ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
             root = tl.sqrt(value)  # IEEE-rounded for float64
@@ -211,25 +224,6 @@ def _select_kernel(counts_ptr, prefix_ptr, rank_ptr, exp_ptr, check_ptr, out_ptr
         check = tl.load(check_ptr + bat)
         res = tl.where(tl.abs(check) < float("inf"), res, float("nan"))
         tl.store(out_ptr + bat, res)
-
-
-def _pow2_exponent(x, y, work):
-    """(B,) int32 e with every |coordinate| of the problem below 2**e, clamped to +-3/4 of the
-    exponent range (so 2**-e and 2**e are normal): the reference's scaling, on device."""
-
-    def absmax(t):
-        return torch.maximum(t.amax((1, 2)), -t.amin((1, 2))).to(work)
-
-    big = absmax(x) if y is None else torch.maximum(absmax(x), absmax(y))
-    bound = 768 if work == torch.float64 else 96
-    return torch.frexp(big).exponent.to(torch.int32).clamp(-bound, bound)
-
-
-def _pow2(e, work):
-    """2**e in ``work``, built from the exponent bits (exact for normal results)."""
-    if work == torch.float64:
-        return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
-    return ((e + 127) << 23).view(torch.float32)
 
 
 def shifts(work: torch.dtype) -> list[int]:
@@ -283,28 +277,10 @@ class Problem:
 def prepare(x, y) -> Problem:
     """Scale by 2**-e and centre into contiguous work copies; norms; the launch geometry."""
     batch, n, d = x.shape
-    device = x.device
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     pairwise = y is None
     m = n if pairwise else y.shape[1]
-    if d > 0:
-        exponent = _pow2_exponent(x, y, work)
-    else:
-        exponent = torch.zeros(batch, dtype=torch.int32, device=device)
-    down = _pow2(-exponent, work).view(batch, 1, 1)
-    a = torch.empty((batch, n, d), dtype=work, device=device)
-    torch.mul(x, down, out=a)
-    if pairwise:
-        a -= a.mean(1, keepdim=True)
-        b = a
-    else:
-        b = torch.empty((batch, m, d), dtype=work, device=device)
-        torch.mul(y, down, out=b)
-        centre = (a.sum(1, keepdim=True) + b.sum(1, keepdim=True)) / (n + m)
-        a -= centre
-        b -= centre
-    norm_a = (a * a).sum(-1)
-    norm_b = norm_a if pairwise else (b * b).sum(-1)
+    a, b, norm_a, norm_b, exponent = scale_and_centre(x, y, work, contiguous=True)
     # Non-finite for exactly the problems with NaN/Inf input (scaled, centred coordinates are
     # below 2 in magnitude otherwise, so no norm and no sum of norms can overflow).
     check = norm_a.sum(1) if pairwise else norm_a.sum(1) + norm_b.sum(1)
@@ -319,7 +295,7 @@ def prepare(x, y) -> Problem:
     return Problem(
         a=a, b=b, norm_a=norm_a, norm_b=norm_b, exponent=exponent, check=check,
         pairwise=pairwise, tiles_j=tiles_j, n_tiles=n_tiles,
-        bk=min(32, max(8, triton.next_power_of_2(max(d, 1)))),
+        bk=min(BK_MAX, max(BK_MIN, triton.next_power_of_2(max(d, 1)))),
         workers=max(1, min(n_tiles, per_launch)),
         stored_workers=max(1, min(triton.cdiv(n_tiles * BT * BT, SBLOCK), per_launch)),
     )
@@ -344,7 +320,7 @@ def tile_pass(P: Problem, counts, prefix, shift: int, first: bool, keys=None) ->
         P.b.shape[1], d, P.tiles_j, P.n_tiles, P.workers, shift,
         P.keys_per_problem if store else 0,
         PAIRWISE=P.pairwise, FIRST=first, STORE=store, T=t_work, KEY=t_key, BT=BT, BK=P.bk,
-        DIGIT=DIGIT, NBINS=NBINS, num_warps=16,
+        DIGIT=DIGIT, NBINS=NBINS, num_warps=TILE_WARPS,
     )
 
 
@@ -353,7 +329,7 @@ def stored_pass(P: Problem, keys, counts, prefix, shift: int) -> None:
     _, t_key = _tl_types(P)
     _stored_hist_kernel[(P.a.shape[0], P.stored_workers)](
         keys, prefix, counts, P.keys_per_problem, P.stored_workers, shift, P.keys_per_problem,
-        KEY=t_key, DIGIT=DIGIT, NBINS=NBINS, BLOCK=SBLOCK, num_warps=8,
+        KEY=t_key, DIGIT=DIGIT, NBINS=NBINS, BLOCK=SBLOCK, num_warps=STORED_WARPS,
     )
 
 
@@ -380,7 +356,7 @@ def median_pairwise_distance(x, y, squared: bool, memory_budget: int):
         return out.to(x.dtype)
     P = prepare(x, y)
     keys = None
-    if P.keys_bytes() <= memory_budget // 2:
+    if P.keys_bytes() <= memory_budget // KEYS_SHARE:
         keys = torch.empty((batch, P.keys_per_problem), dtype=P.key_dtype, device=device)
     counts = torch.zeros((batch, NBINS), dtype=torch.int64, device=device)
     prefix = torch.zeros(batch, dtype=torch.int64, device=device)
