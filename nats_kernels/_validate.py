@@ -14,9 +14,10 @@ import torch
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of SPEC's conventions: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation dtype (design §9.1): float64 for float64, float32 otherwise; of
+    several dtypes (tensors of mixed dtypes summed together), float64 when any is float64."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def tensor(name: str, t, *, floating: bool = True) -> torch.Tensor:
@@ -54,9 +55,41 @@ def no_internal_overlap(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} is written in place but has overlapping memory (e.g. expanded)")
 
 
+# ----------------------------------------------------------------------------- Python values
+#
+# Configuration arrives as Python values (never tensors: a tensor's value would have to be read
+# on the host). bool is an int to Python but never a count or a size here.
+
+
+def is_int(value, *, exact: bool = False) -> bool:
+    """Whether ``value`` is an integer and not a bool: any ``numbers.Integral`` (numpy integers
+    too), or with ``exact=True`` Python's own ``int`` only (what can be written to JSON)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int if exact else numbers.Integral)
+
+
+def is_number(value, *, exact: bool = False) -> bool:
+    """Whether ``value`` is a real number and not a bool: any ``numbers.Real``, or with
+    ``exact=True`` an ``int`` or ``float`` (subclasses included) only."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float) if exact else numbers.Real)
+
+
+def integer(name: str, value, *, minimum: int | None = None) -> int:
+    """A count or a size: a Python integer (TypeError otherwise), at least ``minimum`` when given
+    (ValueError otherwise)."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
 def number(name: str, v) -> float:
     """A hyperparameter: a Python number (not a tensor: it is configuration, not a device value)."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+    if not is_number(v):
         raise TypeError(f"{name} must be a Python number, got {type(v).__name__}")
     try:
         return float(v)
@@ -146,6 +179,46 @@ def finite(name: str, value, *, minimum: float | None = None,
         raise ValueError(f"{name} = {x:g} is out of the range of {dtype}, the math type it is "
                          f"used in (largest {torch.finfo(dtype).max:g})")
     return x
+
+
+def positive(name: str, value) -> float:
+    """A Python number that is finite and > 0 (a step size, a learning rate, a weight)."""
+    x = number(name, value)
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return x
+
+
+def nonnegative(name: str, value) -> float:
+    """A Python number that is finite and >= 0 (an epsilon added to a denominator)."""
+    x = number(name, value)
+    if not (math.isfinite(x) and x >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {x}")
+    return x
+
+
+def weights(name: str, value, n: int, n_name: str) -> list[float] | torch.Tensor | None:
+    """A weight vector of ``n`` entries (``n_name`` names the count in messages): ``None``, a
+    sequence of positive finite Python numbers (returned as a list of floats), or a 1-D floating
+    tensor of length ``n`` (returned as it is: its values are not read here)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got dtype {value.dtype}")
+        if value.dim() != 1 or value.shape[0] != n:
+            raise ValueError(
+                f"{name} must have shape ({n_name},) = ({n},), got {tuple(value.shape)}"
+            )
+        return value
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"{name} must be None, a sequence of numbers or a 1-D tensor, "
+            f"got {type(value).__name__}"
+        )
+    if len(value) != n:
+        raise ValueError(f"{name} has {len(value)} entries but {n_name} = {n}")
+    return [positive(f"{name}[{i}]", w) for i, w in enumerate(value)]
 
 
 # ----------------------------------------------------------------------------- in-place writes

@@ -1,4 +1,4 @@
-"""SPEC §4: adaptive weighted discriminator loss — inner products, weight rule, combination."""
+"""design §4: adaptive weighted discriminator loss — inner products, weight rule, combination."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def aw_weights(
     delta: float = 0.05,
     eps: float = 0.05,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The aw-loss weights ``(w_r, w_f)`` of SPEC §4, decided on device.
+    """The aw-loss weights ``(w_r, w_f)`` of design §4, decided on device.
 
     ``rr = dots[0] + 1e-4``, ``ff = dots[1] + 1e-4``, ``rf = dots[2]``;
     ``s_r = mean(sigmoid(real_logits))``, ``s_f = mean(sigmoid(fake_logits))``. Case 1/2 when

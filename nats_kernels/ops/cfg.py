@@ -1,9 +1,8 @@
-"""SPEC §1: annealed weights and the CFG functional-gradient accumulation."""
+"""design §1: annealed weights and the CFG functional-gradient accumulation."""
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -90,15 +89,9 @@ def annealed_weights(
         ValueError: ``first``/``last`` not positive and finite, ``M < 1``, a ``dtype`` in which
             they would round to inf or to zero.
     """
-    first = v.number("first", first)
-    last = v.number("last", last)
-    for name, value in (("first", first), ("last", last)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be positive and finite, got {value}")
-    if isinstance(M, bool) or not isinstance(M, numbers.Integral):
-        raise TypeError(f"M must be a Python int, got {type(M).__name__}")
-    if M < 1:
-        raise ValueError(f"M must be >= 1, got {M}")
+    first = v.positive("first", first)
+    last = v.positive("last", last)
+    M = v.integer("M", M, minimum=1)
     if dtype not in v.FLOATING:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
     # The progression is monotonic: its extremes are first and last. Refuse a dtype in which
@@ -119,7 +112,7 @@ def annealed_weights(
             device = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
-    return _annealed_weights_op(first, last, int(M), device, dtype)
+    return _annealed_weights_op(first, last, M, device, dtype)
 
 
 def _fold_eta(eta, weights: Tensor, acc: torch.dtype) -> tuple[float, Tensor]:

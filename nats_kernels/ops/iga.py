@@ -1,8 +1,7 @@
-"""SPEC §5: best-response constraint, implicit gradient approximation."""
+"""design §5: best-response constraint, implicit gradient approximation."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -48,10 +47,7 @@ def iga_ratio(gf_D: Sequence[Tensor], gF_D: Sequence[Tensor], eps: float = 1e-12
         non-finite eps.
     """
     (gf_D, gF_D), _, _ = v.paired_lists(("gf_D", "gF_D"), (gf_D, gF_D))
-    eps = v.number("eps", eps)
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    return _iga_ratio_op(gf_D, gF_D, eps)
+    return _iga_ratio_op(gf_D, gF_D, v.nonnegative("eps", eps))
 
 
 def iga_correction_(g_G: Sequence[Tensor], gf_G: Sequence[Tensor], r: float | Tensor) -> None:

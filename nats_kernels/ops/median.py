@@ -1,9 +1,8 @@
-"""SPEC §3: exact median pairwise distance (NATS Technique 1)."""
+"""design §3: exact median pairwise distance (NATS Technique 1)."""
 
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
@@ -33,7 +32,7 @@ def check_memory_budget(memory_budget) -> int:
     that fits the schema's int64 (TypeError / ValueError otherwise)."""
     if memory_budget is None:
         return DEFAULT_MEMORY_BUDGET
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral):
+    if not v.is_int(memory_budget):
         raise TypeError(f"memory_budget must be an int (bytes), got {type(memory_budget).__name__}")
     if not 0 < memory_budget <= MAX_MEMORY_BUDGET:
         raise ValueError(

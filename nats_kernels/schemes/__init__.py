@@ -1,13 +1,13 @@
-"""Drop-in training schemes for existing GAN trainers (SPEC.md §7).
+"""Drop-in training schemes for existing GAN trainers (design §7).
 
 Each wrapper leaves the optimizer step to the caller, so it replaces one ``loss.backward()``
 line of a trainer that already has ``loss.backward(); opt.step()``:
 
-- :class:`AWLoss` -- adaptive weighted discriminator loss (aw-loss, SPEC §4);
-- :class:`BRC` -- best-response constraint with the implicit gradient approximation (SPEC §5);
-- :func:`nested_schedule` / :class:`NestedTrainer` -- NTS / NATS / CTS (SPEC §2);
-- :class:`AnnealedCFG` -- composite functional gradient GAN with annealed weights (SPEC §1);
-- :func:`initial_weight_distances` / :func:`preset_weights` -- NATS Technique 1 (SPEC §3).
+- :class:`AWLoss` -- adaptive weighted discriminator loss (aw-loss, design §4);
+- :class:`BRC` -- best-response constraint with the implicit gradient approximation (design §5);
+- :func:`nested_schedule` / :class:`NestedTrainer` -- NTS / NATS / CTS (design §2);
+- :class:`AnnealedCFG` -- composite functional gradient GAN with annealed weights (design §1);
+- :func:`initial_weight_distances` / :func:`preset_weights` -- NATS Technique 1 (design §3).
 """
 
 from ..ops import annealed_weights

@@ -1,14 +1,7 @@
-"""Adaptive weighted discriminator loss (aw-loss, SPEC §4) as a drop-in for ``d_loss.backward()``.
-
-Also home of the small gradient-list helpers that :mod:`nats_kernels.schemes.brc` shares: which
-parameters take part, whether two losses share an autograd graph, and when a freshly returned
-gradient may be written in place.
-"""
+"""Adaptive weighted discriminator loss (aw-loss, design §4) as a drop-in for
+``d_loss.backward()``."""
 
 from __future__ import annotations
-
-from collections import Counter, deque
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,114 +9,16 @@ from torch import Tensor, nn
 from .. import _validate as v
 from ..distributed import _comm
 from ..ops import aw_combine_, aw_weights, multi_dot
+from . import _grads
 
 __all__ = ["AWLoss"]
-
-
-# ------------------------------------------------------------------------- shared helpers
-
-
-def _module(name: str, m) -> nn.Module:
-    if not isinstance(m, nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
-    return m
-
-
-def _trainable(name: str, module: nn.Module) -> list[nn.Parameter]:
-    """The parameters of ``module`` that require grad (tied parameters once), on one device."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(
-            f"{name} has no parameter with requires_grad=True (is it frozen with "
-            f"requires_grad_(False)?)"
-        )
-    device = params[0].device
-    for p in params:
-        if p.device != device:
-            raise ValueError(
-                f"{name} has parameters on {device} and on {p.device}; all trainable parameters "
-                f"must be on one device"
-            )
-        if p.dtype not in v.FLOATING:
-            raise TypeError(f"{name} has a trainable parameter of dtype {p.dtype}")
-    return params
-
-
-def _loss(name: str, t, device: torch.device) -> Tensor:
-    """A loss that ``backward()`` would accept: one element, floating, part of a graph."""
-    v.tensor(name, t)
-    if t.numel() != 1:
-        raise ValueError(f"{name} must be a scalar loss (one element), got shape {tuple(t.shape)}")
-    if not t.requires_grad:
-        raise ValueError(
-            f"{name} does not require grad: it was computed under torch.no_grad() or from "
-            f"detached tensors, so it has no gradient to take"
-        )
-    v.same_device(device, **{name: t})
-    return t
-
-
-def _shares_graph(a: Tensor, b: Tensor) -> bool:
-    """Whether the autograd graphs behind ``a`` and ``b`` have a node in common other than the
-    parameter leaves. Only then must a first backward pass from one keep its graph for a second
-    pass from the other (e.g. one discriminator forward on ``cat(real, fake)``, or both losses
-    computed from the same fake logits). The two graphs are walked breadth first, in turns, so a
-    shared node near the roots is found early; disjoint graphs are walked whole. Metadata only:
-    it follows ``grad_fn``, it reads no tensor value."""
-    walks = ((deque([a.grad_fn]), set()), (deque([b.grad_fn]), set()))
-    while walks[0][0] or walks[1][0]:
-        for (queue, seen), (_, other) in (walks, walks[::-1]):
-            while queue:
-                fn = queue.popleft()
-                if fn is None or fn in seen:
-                    continue
-                if fn in other and type(fn).__name__ != "AccumulateGrad":
-                    return True
-                seen.add(fn)
-                queue.extend(nxt for nxt, _ in fn.next_functions)
-                break
-    return False
-
-
-def _storage_key(t: Tensor) -> tuple:
-    return (t.device, t.untyped_storage().data_ptr())
-
-
-def _storage_counts(*lists: Sequence[Tensor | None]) -> Counter:
-    return Counter(_storage_key(t) for ts in lists for t in ts if t is not None)
-
-
-def _writable_as_grad(t: Tensor | None, p: Tensor, counts: Counter) -> bool:
-    """Whether ``t``, a gradient autograd just returned for ``p``, may be written in place and
-    kept as ``p.grad`` (what AccumulateGrad does with a gradient nobody else holds): ``p``'s
-    strides (so not expanded, not transposed), no other gradient of this call in the same storage
-    (autograd may hand one tensor to several inputs, e.g. both operands of an add), and no tensor
-    hook on ``p`` (a hook may have kept the very tensor)."""
-    return (
-        t is not None
-        and not p._backward_hooks
-        and t.stride() == p.stride()
-        and counts[_storage_key(t)] == 1
-    )
-
-
-def _zeros(p: Tensor, cache: dict) -> Tensor:
-    """A read-only zero gradient shaped like ``p`` (an expanded 0-d tensor: no allocation)."""
-    key = (p.device, p.dtype)
-    if key not in cache:
-        cache[key] = torch.zeros((), device=p.device, dtype=p.dtype)
-    return cache[key].expand(p.shape)
-
-
-def _acc(dtypes) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 # ------------------------------------------------------------------------------- AWLoss
 
 
 class AWLoss:
-    """Adaptive weighted discriminator loss (Zadorozhnyy et al., CVPR 2021), SPEC §4/§7.
+    """Adaptive weighted discriminator loss (Zadorozhnyy et al., CVPR 2021), design §4/§7.
 
     Replaces ``d_loss.backward()`` in a discriminator step that computes a real-only term ``L_r``
     and a fake-only term ``L_f`` (hinge, BCE, LSGAN, ...)::
@@ -185,7 +80,7 @@ class AWLoss:
             All trainable parameters on one device; several floating dtypes are fine.
         normalized: ``True`` for Algorithm 1 (the paper's default, weights scaled by the inverse
             gradient norms), ``False`` for Algorithm 2.
-        alpha1, alpha2, delta, eps: the rule's constants (SPEC §4), finite Python numbers;
+        alpha1, alpha2, delta, eps: the rule's constants (design §4), finite Python numbers;
             ``eps >= 0``.
         process_group: the ``torch.distributed`` group to average over when the discriminator
             is not DDP-wrapped (e.g. ``torch.distributed.group.WORLD``); default: the DDP
@@ -208,8 +103,8 @@ class AWLoss:
         eps: float = 0.05,
         process_group=None,
     ) -> None:
-        self.discriminator = _module("discriminator", discriminator)
-        params = _trainable("discriminator", discriminator)
+        self.discriminator = _grads.module("discriminator", discriminator)
+        params = _grads.trainable("discriminator", discriminator)
         self._sync = _comm.setup("AWLoss", process_group, {"discriminator": params},
                                  discriminator=discriminator)
         self.process_group = self._sync.group
@@ -248,17 +143,17 @@ class AWLoss:
                 does not depend on any trainable discriminator parameter, empty logits, arguments
                 on another device, a discriminator without trainable parameters.
         """
-        params = _trainable("discriminator", self.discriminator)
+        params = _grads.trainable("discriminator", self.discriminator)
         device = params[0].device
-        _loss("loss_real", loss_real, device)
-        _loss("loss_fake", loss_fake, device)
+        _grads.loss("loss_real", loss_real, device)
+        _grads.loss("loss_fake", loss_fake, device)
         for name, t in (("real_logits", real_logits), ("fake_logits", fake_logits)):
             v.tensor(name, t)
             v.same_device(device, **{name: t})
             if t.numel() == 0:
                 raise ValueError(f"{name} must not be empty (its sigmoid mean decides the case)")
 
-        retain = _shares_graph(loss_real, loss_fake)
+        retain = _grads.shares_graph(loss_real, loss_fake)
         g_r = torch.autograd.grad(loss_real, params, retain_graph=retain, allow_unused=True)
         if all(g is None for g in g_r):
             raise ValueError(
@@ -275,7 +170,7 @@ class AWLoss:
                 params, g_r, g_f, real_logits, fake_logits, losses
             )
 
-        counts = _storage_counts(g_r, g_f)
+        counts = _grads.storage_counts(g_r, g_f)
         zeros: dict = {}
         groups: dict[torch.dtype, tuple[list, list, list]] = {}
         for p, gr, gf in zip(params, g_r, g_f):
@@ -284,20 +179,20 @@ class AWLoss:
                 continue
             old = p.grad
             if (old is not None and not old.requires_grad and v.dense(old)
-                    and _storage_key(old) not in counts):
+                    and _grads.storage_key(old) not in counts):
                 out = old
-            elif _writable_as_grad(gr, p, counts):
+            elif _grads.writable_as_grad(gr, p, counts):
                 out = gr
             else:
                 out = torch.empty_like(p, memory_format=torch.preserve_format)
             outs, rs, fs = groups.setdefault(p.dtype, ([], [], []))
             outs.append(out)
-            rs.append(_zeros(p, zeros) if gr is None else gr)
-            fs.append(_zeros(p, zeros) if gf is None else gf)
+            rs.append(_grads.zeros(p, zeros) if gr is None else gr)
+            fs.append(_grads.zeros(p, zeros) if gf is None else gf)
             if p.grad is not out:
                 p.grad = out
 
-        acc = _acc(groups)
+        acc = v.acc_dtype(*groups)
         if len(groups) == 1:
             ((_, rs, fs),) = groups.values()
             dots = multi_dot(rs, fs)

@@ -1,9 +1,7 @@
-"""Best-response constraint with the implicit gradient approximation (BRC / IGA, SPEC §5) as a
+"""Best-response constraint with the implicit gradient approximation (BRC / IGA, design §5) as a
 drop-in for the generator's ``g_loss.backward()``."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor, nn
@@ -11,17 +9,7 @@ from torch import Tensor, nn
 from .. import _validate as v
 from ..distributed import _comm
 from ..ops import iga_correction_, iga_ratio, multi_dot
-from .aw import (
-    _acc,
-    _loss,
-    _module,
-    _shares_graph,
-    _storage_counts,
-    _storage_key,
-    _trainable,
-    _writable_as_grad,
-    _zeros,
-)
+from . import _grads
 
 __all__ = ["BRC"]
 
@@ -57,7 +45,7 @@ class BRC:
     ``.grad``; one that only f depends on gets ``-r * df/dG``; gradients missing from one of the
     two passes count as zero. The discriminator's ``.grad`` is not read or written (same tensors,
     same values). No value is read on the host: the call is asynchronous on CUDA like
-    ``backward()``. Cost: two backward passes through D and G (SPEC §5's alternative, two passes
+    ``backward()``. Cost: two backward passes through D and G (design §5's alternative, two passes
     stopping at D and one of ``F - r f`` into G, runs through D three times).
 
     r changes sign with the sign convention of f (``f`` or ``-f``); the generator update does not.
@@ -103,8 +91,8 @@ class BRC:
         self, generator: nn.Module, discriminator: nn.Module, *, eps: float = 1e-12,
         process_group=None,
     ):
-        self.generator = _module("generator", generator)
-        self.discriminator = _module("discriminator", discriminator)
+        self.generator = _grads.module("generator", generator)
+        self.discriminator = _grads.module("discriminator", discriminator)
         in_d = {id(p) for p in discriminator.parameters()}
         shared = [n for n, p in generator.named_parameters() if id(p) in in_d]
         if shared:
@@ -112,15 +100,12 @@ class BRC:
                 f"generator and discriminator share parameter(s) {', '.join(shared)}; BRC needs "
                 f"the two players' parameters to be disjoint"
             )
-        p_g = _trainable("generator", generator)
-        p_d = _trainable("discriminator", discriminator)
+        p_g = _grads.trainable("generator", generator)
+        p_d = _grads.trainable("discriminator", discriminator)
         self._sync = _comm.setup("BRC", process_group, {"discriminator": p_d, "generator": p_g},
                                  discriminator=discriminator, generator=generator)
         self.process_group = self._sync.group
-        eps = v.number("eps", eps)
-        if not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"eps must be finite and >= 0, got {eps}")
-        self.eps = eps
+        self.eps = v.nonnegative("eps", eps)
         self.last_ratio: Tensor | None = None
 
     def __repr__(self) -> str:
@@ -144,16 +129,16 @@ class BRC:
                 detached) or on the discriminator; F that does not depend on the generator;
                 a module without trainable parameters or with parameters on two devices.
         """
-        p_d = _trainable("discriminator", self.discriminator)
-        p_g = _trainable("generator", self.generator)
+        p_d = _grads.trainable("discriminator", self.discriminator)
+        p_g = _grads.trainable("generator", self.generator)
         device = p_d[0].device
         v.same_device(device, **{"generator parameters": p_g[0]})
-        _loss("F", F, device)
-        _loss("f", f, device)
+        _grads.loss("F", F, device)
+        _grads.loss("f", f, device)
         n_d = len(p_d)
         params = p_d + p_g
 
-        retain = _shares_graph(f, F)
+        retain = _grads.shares_graph(f, F)
         g_f = torch.autograd.grad(f, params, retain_graph=retain, allow_unused=True)
         gf_d, gf_g = g_f[:n_d], g_f[n_d:]
         if all(g is None for g in gf_g):
@@ -173,7 +158,7 @@ class BRC:
             return self._global(p_d, p_g, gf_d, gF_d, gf_g, gF_g)
         r = self._ratio(p_d, gf_d, gF_d)
 
-        counts = _storage_counts(g_f, g_F)
+        counts = _grads.storage_counts(g_f, g_F)
         add_to, add = [], []
         corrected: dict[torch.dtype, tuple[list, list]] = {}
         for p, gF, gf in zip(p_g, gF_g, gf_g):
@@ -181,18 +166,19 @@ class BRC:
                 continue
             old = p.grad
             if old is not None:
-                if old.requires_grad or not v.dense(old) or _storage_key(old) in counts:
+                if old.requires_grad or not v.dense(old) or _grads.storage_key(old) in counts:
                     old = p.grad = torch.empty_like(p).copy_(old.detach())
                 if gF is not None:
                     add_to.append(old)
                     add.append(gF)
                 buf = old
             elif gf is None:
-                p.grad = gF if _writable_as_grad(gF, p, counts) else torch.empty_like(p).copy_(gF)
+                keep = _grads.writable_as_grad(gF, p, counts)
+                p.grad = gF if keep else torch.empty_like(p).copy_(gF)
                 continue
             elif gF is None:
                 buf = p.grad = torch.zeros_like(p)
-            elif _writable_as_grad(gF, p, counts):
+            elif _grads.writable_as_grad(gF, p, counts):
                 buf = p.grad = gF
             else:
                 buf = p.grad = torch.empty_like(p).copy_(gF)
@@ -215,12 +201,12 @@ class BRC:
             if a is None and b is None:
                 continue
             a_s, b_s = groups.setdefault(p.dtype, ([], []))
-            a_s.append(_zeros(p, zeros) if a is None else a)
-            b_s.append(_zeros(p, zeros) if b is None else b)
+            a_s.append(_grads.zeros(p, zeros) if a is None else a)
+            b_s.append(_grads.zeros(p, zeros) if b is None else b)
         if len(groups) == 1:
             ((a_s, b_s),) = groups.values()
             return iga_ratio(a_s, b_s, self.eps)
-        acc = _acc(groups)
+        acc = v.acc_dtype(*groups)
         dots = sum(multi_dot(a_s, b_s).to(acc) for a_s, b_s in groups.values())
         return dots[2] / (dots[0] + self.eps)
 

@@ -1,4 +1,4 @@
-"""SPEC §1: composite functional gradient GAN (CFG) with the annealed weights of NATS.
+"""design §1: composite functional gradient GAN (CFG) with the annealed weights of NATS.
 
 A port of the official algorithm (``riejohnson/cfg-gan-pt``, ``cfggan.py``: ``DDG.icfg``,
 ``DDG.generate``, ``DDG.approximate``) with the weight vector ``w`` added, on the training
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -19,27 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate as v
-from .._validate import acc_dtype
 from ..distributed import _comm
 from ..ops import cfg_step_
+from . import _grads
 
 SCALES = ("kl", "logd", "js")
-
-
-def _int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
-    return float(value)
 
 
 def default_optimizer(params, lr: float) -> torch.optim.Optimizer:
@@ -47,8 +30,88 @@ def default_optimizer(params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=lr, alpha=0.95, eps=1e-18)
 
 
+# ------------------------------------------------------------------- AnnealedCFG's arguments
+
+
+def _device_and_z_dtype(generator: nn.Module, discriminator: nn.Module):
+    """The training device (the generator's first parameter's, shared by every parameter of both
+    modules) and the latent dtype (that parameter's floating dtype, else float32)."""
+    g_params = list(generator.parameters())
+    if not g_params:
+        raise ValueError("generator has no parameters")
+    first = g_params[0]
+    device = first.device
+    for name, module in (("generator", generator), ("discriminator", discriminator)):
+        for p in module.parameters():
+            if p.device != device:
+                raise ValueError(
+                    f"{name} has a parameter on {p.device}, expected {device} "
+                    "(generator and discriminator on one device)"
+                )
+    return device, first.dtype if first.is_floating_point() else torch.float32
+
+
+def _z_shape(z_dim) -> tuple[int, ...]:
+    """The latent shape: an int or a non-empty sequence of ints, each >= 1."""
+    if v.is_int(z_dim):
+        z_dim = (z_dim,)
+    if not isinstance(z_dim, Sequence) or not z_dim:
+        raise TypeError(f"z_dim must be an int or a tuple of ints, got {z_dim!r}")
+    return tuple(v.integer("z_dim", d, minimum=1) for d in z_dim)
+
+
+def _scale(scale) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    return scale
+
+
+def _optimizer(optimizer) -> Callable[..., torch.optim.Optimizer]:
+    if optimizer is None:
+        return default_optimizer
+    if not callable(optimizer):
+        raise TypeError(f"optimizer must be callable, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _approx_decay(value) -> float:
+    x = v.number("approx_decay", value)
+    if not 0 <= x < 1:
+        raise ValueError(f"approx_decay must be in [0, 1), got {value}")
+    return x
+
+
+def _rng(rng, device: torch.device) -> torch.Generator | None:
+    if rng is not None:
+        if not isinstance(rng, torch.Generator):
+            raise TypeError(f"rng must be a torch.Generator, got {type(rng).__name__}")
+        if rng.device.type != device.type:
+            raise ValueError(f"rng is on {rng.device}, expected a {device.type} generator")
+    return rng
+
+
+def _d_backward(d_backward):
+    if d_backward is not None and not callable(d_backward):
+        raise TypeError(f"d_backward must be callable or None, got {type(d_backward).__name__}")
+    return d_backward
+
+
+def _weight_tensor(weights, M: int, device: torch.device) -> Tensor:
+    """The M weights, checked positive and finite, as a float64 tensor on ``device``."""
+    w = v.weights("weights", weights, M, "M")
+    if w is None:
+        return torch.ones(M, dtype=torch.float64, device=device)
+    if not isinstance(w, Tensor):  # numbers, checked one by one
+        return torch.tensor(w, dtype=torch.float64).to(device)
+    w = w.detach().to(device=device, dtype=torch.float64)
+    # Construction is not the hot path: one host read to reject nonsense early.
+    if not bool(torch.all(torch.isfinite(w) & (w > 0))):
+        raise ValueError(f"weights must be positive and finite, got {w.tolist()}")
+    return w
+
+
 class AnnealedCFG:
-    """Annealed CFG (SPEC §1): a generator ``G`` plus ``M`` discriminator snapshots.
+    """Annealed CFG (design §1): a generator ``G`` plus ``M`` discriminator snapshots.
 
     A sample is ``x_0 = G(z)`` moved by ``M`` functional-gradient steps,
     ``x_m = x_{m-1} + eta * w_m * s_m(x_{m-1}) * grad_x D_m(x_{m-1})``, where ``D_m`` is the
@@ -170,80 +233,28 @@ class AnnealedCFG:
         d_backward: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
         process_group=None,
     ):
-        for name, module in (("generator", generator), ("discriminator", discriminator)):
-            if not isinstance(module, nn.Module):
-                raise TypeError(f"{name} must be a torch.nn.Module, got {type(module).__name__}")
-        self.generator, self.discriminator = generator, discriminator
-        g_params = list(generator.parameters())
-        if not g_params:
-            raise ValueError("generator has no parameters")
-        self.device = g_params[0].device
-        self.z_dtype = g_params[0].dtype if g_params[0].is_floating_point() else torch.float32
-        for name, p in [("generator", q) for q in g_params] + [
-            ("discriminator", q) for q in discriminator.parameters()
-        ]:
-            if p.device != self.device:
-                raise ValueError(
-                    f"{name} has a parameter on {p.device}, expected {self.device} "
-                    "(generator and discriminator on one device)"
-                )
-        self.M = _int("M", M, 1)
-        self.eta = _positive("eta", eta)
-        self.U = _int("U", U, 1)
-        self.N = _int("N", N, 1)
-        self.x_epochs = _int("x_epochs", x_epochs, 1)
-        self.lr = _positive("lr", lr)
-        self.batch_size = _int("batch_size", batch_size, 1)
-        if isinstance(z_dim, numbers.Integral) and not isinstance(z_dim, bool):
-            z_dim = (z_dim,)
-        if not isinstance(z_dim, Sequence) or not z_dim:
-            raise TypeError(f"z_dim must be an int or a tuple of ints, got {z_dim!r}")
-        self.z_shape = tuple(_int("z_dim", d, 1) for d in z_dim)
-        self.z_std = _positive("z_std", z_std)
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-        self.scale = scale
-        if optimizer is None:
-            optimizer = default_optimizer
-        if not callable(optimizer):
-            raise TypeError(f"optimizer must be callable, got {type(optimizer).__name__}")
-        self.make_optimizer = optimizer
-        if isinstance(approx_decay, bool) or not isinstance(approx_decay, numbers.Real):
-            raise TypeError(f"approx_decay must be a Python number, got {approx_decay!r}")
-        if not 0 <= approx_decay < 1:
-            raise ValueError(f"approx_decay must be in [0, 1), got {approx_decay}")
-        self.approx_decay = float(approx_decay)
-        self.approx_redmax = None if approx_redmax is None else _int(
-            "approx_redmax", approx_redmax, 0)
-        if rng is not None:
-            if not isinstance(rng, torch.Generator):
-                raise TypeError(f"rng must be a torch.Generator, got {type(rng).__name__}")
-            if rng.device.type != self.device.type:
-                raise ValueError(f"rng is on {rng.device}, expected a {self.device.type} generator")
-        self.rng = rng
-        if d_backward is not None and not callable(d_backward):
-            raise TypeError(f"d_backward must be callable or None, got {type(d_backward).__name__}")
-        self.d_backward = d_backward
-        self.weights = self._check_weights(weights)
+        self.generator = _grads.module("generator", generator)
+        self.discriminator = _grads.module("discriminator", discriminator)
+        self.device, self.z_dtype = _device_and_z_dtype(generator, discriminator)
+        self.M = v.integer("M", M, minimum=1)
+        self.eta = v.positive("eta", eta)
+        self.U = v.integer("U", U, minimum=1)
+        self.N = v.integer("N", N, minimum=1)
+        self.x_epochs = v.integer("x_epochs", x_epochs, minimum=1)
+        self.lr = v.positive("lr", lr)
+        self.batch_size = v.integer("batch_size", batch_size, minimum=1)
+        self.z_shape = _z_shape(z_dim)
+        self.z_std = v.positive("z_std", z_std)
+        self.scale = _scale(scale)
+        self.make_optimizer = _optimizer(optimizer)
+        self.approx_decay = _approx_decay(approx_decay)
+        self.approx_redmax = (None if approx_redmax is None
+                              else v.integer("approx_redmax", approx_redmax, minimum=0))
+        self.rng = _rng(rng, self.device)
+        self.d_backward = _d_backward(d_backward)
+        self.weights = _weight_tensor(weights, self.M, self.device)
         self._weights_by_dtype: dict[torch.dtype, list[Tensor]] = {}
-
-        # Several processes: the DDP wrappers (or process_group=) decide the group; samples are
-        # generated and moved with the wrapped modules themselves (no collective per rank).
-        # (its own steps use backward(), so DDP's static_graph is fine here)
-        self._sync = _comm.setup("AnnealedCFG", process_group, autograd_grad=False,
-                                 generator=generator, discriminator=discriminator)
-        self.process_group = self._sync.group
-        self._G, self._D = _comm.unwrap(generator), _comm.unwrap(discriminator)
-        self._sync_g = self._sync_d = False
-        if self.process_group is not None:
-            # A module that is not DDP-wrapped starts from rank 0's state (as DDP would) and has
-            # its gradients averaged here; D's only when this class runs its backward.
-            self._sync_g = not _comm.is_ddp(generator)
-            self._sync_d = not _comm.is_ddp(discriminator) and d_backward is None
-            for module, wrapped in ((generator, self._sync_g),
-                                    (discriminator, not _comm.is_ddp(discriminator))):
-                if wrapped:
-                    _comm.broadcast_module(module, self.process_group)
+        self._join_group(process_group)
 
         self.snapshots = [copy.deepcopy(self._D) for _ in range(self.M)]
         for snap in self.snapshots:
@@ -259,35 +270,25 @@ class AnnealedCFG:
         self._real_source = None
         self._real_iter = None
 
-    # --------------------------------------------------------------------------- arguments
-
-    def _check_weights(self, weights) -> Tensor:
-        if weights is None:
-            return torch.ones(self.M, dtype=torch.float64, device=self.device)
-        if isinstance(weights, Tensor):
-            if not weights.is_floating_point():
-                raise TypeError(f"weights must be a floating tensor, got dtype {weights.dtype}")
-            if weights.dim() != 1 or weights.shape[0] != self.M:
-                raise ValueError(
-                    f"weights must have shape (M,) = ({self.M},), got {tuple(weights.shape)}"
-                )
-            w = weights.detach().to(device=self.device, dtype=torch.float64)
-        else:
-            if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-                raise TypeError(
-                    f"weights must be a 1-D tensor, a sequence of numbers or None, "
-                    f"got {type(weights).__name__}"
-                )
-            if len(weights) != self.M:
-                raise ValueError(f"weights has {len(weights)} entries but M = {self.M}")
-            for i, x in enumerate(weights):
-                if isinstance(x, bool) or not isinstance(x, numbers.Real):
-                    raise TypeError(f"weights[{i}] must be a number, got {type(x).__name__}")
-            w = torch.tensor([float(x) for x in weights], dtype=torch.float64).to(self.device)
-        # Construction is not the hot path: one host read to reject nonsense early.
-        if not bool(torch.all(torch.isfinite(w) & (w > 0))):
-            raise ValueError(f"weights must be positive and finite, got {w.tolist()}")
-        return w
+    def _join_group(self, process_group) -> None:
+        """Several processes: the DDP wrappers (or process_group=) decide the group; samples are
+        generated and moved with the unwrapped modules themselves (no collective per rank). Its
+        own steps use backward(), so DDP's static_graph is fine here."""
+        generator, discriminator = self.generator, self.discriminator
+        self._sync = _comm.setup("AnnealedCFG", process_group, autograd_grad=False,
+                                 generator=generator, discriminator=discriminator)
+        self.process_group = self._sync.group
+        self._G, self._D = _comm.unwrap(generator), _comm.unwrap(discriminator)
+        self._sync_g = self._sync_d = False
+        if self.process_group is not None:
+            # A module that is not DDP-wrapped starts from rank 0's state (as DDP would) and has
+            # its gradients averaged here; D's only when this class runs its backward.
+            self._sync_g = not _comm.is_ddp(generator)
+            self._sync_d = not _comm.is_ddp(discriminator) and self.d_backward is None
+            for module, wrapped in ((generator, self._sync_g),
+                                    (discriminator, not _comm.is_ddp(discriminator))):
+                if wrapped:
+                    _comm.broadcast_module(module, self.process_group)
 
     @staticmethod
     def _tensors(module: nn.Module) -> list[Tensor]:
@@ -295,7 +296,7 @@ class AnnealedCFG:
 
     def _step_weights(self, dtype: torch.dtype) -> list[Tensor]:
         """The M weights as 0-d device tensors in the accumulation dtype of ``dtype``."""
-        acc = acc_dtype(dtype)
+        acc = v.acc_dtype(dtype)
         ws = self._weights_by_dtype.get(acc)
         if ws is None:
             ws = list(self.weights.to(acc).unbind(0))
@@ -365,8 +366,8 @@ class AnnealedCFG:
         Returns:
             the ``(n, ...)`` samples (detached), or ``(samples, z)`` with ``return_z=True``.
         """
-        n = _int("n", n, 1)
-        batch_size = n if batch_size is None else _int("batch_size", batch_size, 1)
+        n = v.integer("n", n, minimum=1)
+        batch_size = v.integer("batch_size", n if batch_size is None else batch_size, minimum=1)
         return_z = v.flag("return_z", return_z)
         xs, zs = [], []
         for start in range(0, n, batch_size):
@@ -488,7 +489,7 @@ class AnnealedCFG:
         try:
             for _ in range(self.x_epochs):
                 perm = torch.randperm(n_total, generator=self.rng, device=self.device)
-                total = torch.zeros((), device=self.device, dtype=acc_dtype(targets.dtype))
+                total = torch.zeros((), device=self.device, dtype=v.acc_dtype(targets.dtype))
                 batches = 0
                 for start in range(0, n_total, bs):
                     idx = perm[start : start + bs]
@@ -562,7 +563,7 @@ class AnnealedCFG:
         for snap, sd in zip(self.snapshots, state["snapshots"]):
             snap.load_state_dict(sd)
         self.d_optimizer.load_state_dict(state["d_optimizer"])
-        self.weights = self._check_weights(state["weights"])
+        self.weights = _weight_tensor(state["weights"], self.M, self.device)
         self._weights_by_dtype = {}
-        self.eta = _positive("eta", state["eta"])
-        self.stage = _int("stage", state["stage"], 0)
+        self.eta = v.positive("eta", state["eta"])
+        self.stage = v.integer("stage", state["stage"], minimum=0)

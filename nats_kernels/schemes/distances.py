@@ -1,10 +1,9 @@
-"""NATS Technique 1 (SPEC §3): the two median distances behind the initial annealed weight, and
+"""NATS Technique 1 (design §3): the two median distances behind the initial annealed weight, and
 the paper's weight presets by resolution."""
 
 from __future__ import annotations
 
 import math
-import numbers
 
 from torch import Tensor
 
@@ -118,7 +117,7 @@ def preset_weights(resolution, *, nearest: bool = False) -> tuple[float, float]:
     else:
         sizes = (resolution,)
     for s in sizes:
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+        if not v.is_int(s):
             raise TypeError(
                 f"resolution must be an int or a pair of ints, got {type(s).__name__} in "
                 f"{resolution!r}"

@@ -1,4 +1,4 @@
-"""SPEC §2: the nested (annealed) training scheme -- NTS / NATS, and CTS as its ``n_d = 1`` case.
+"""design §2: the nested (annealed) training scheme -- NTS / NATS, and CTS as its ``n_d = 1`` case.
 
 A schedule, not a kernel: it decides *when* the discriminator and the generator step and with
 which weight. :func:`nested_schedule` is the bare order of one outer iteration;
@@ -8,62 +8,27 @@ weight act (``mode``).
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from .. import _validate as v
 from ..distributed import _comm
 from ..ops import cfg_accumulate
+from . import _grads
 
 MODES = ("loss", "lr", "accumulate")
 
 
 def _check_n_d_k(n_d, k) -> tuple[int, int]:
-    for name, value in (("n_d", n_d), ("k", k)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(n_d), int(k)
-
-
-def _check_weights(weights, n_d: int) -> list[float] | Tensor | None:
-    """None, a length-n_d sequence of finite positive numbers (-> list of floats) or a 1-D
-    floating tensor of length n_d (returned as is; its values are never read on the host)."""
-    if weights is None:
-        return None
-    if isinstance(weights, Tensor):
-        if not weights.is_floating_point():
-            raise TypeError(f"weights must be a floating tensor, got dtype {weights.dtype}")
-        if weights.dim() != 1 or weights.shape[0] != n_d:
-            raise ValueError(
-                f"weights must have shape (n_d,) = ({n_d},), got {tuple(weights.shape)}"
-            )
-        return weights
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise TypeError(
-            f"weights must be None, a sequence of numbers or a 1-D tensor, "
-            f"got {type(weights).__name__}"
-        )
-    if len(weights) != n_d:
-        raise ValueError(f"weights has {len(weights)} entries but n_d = {n_d}")
-    out = []
-    for i, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, numbers.Real):
-            raise TypeError(f"weights[{i}] must be a Python number, got {type(w).__name__}")
-        if not (math.isfinite(w) and w > 0):
-            raise ValueError(f"weights[{i}] must be positive and finite, got {w}")
-        out.append(float(w))
-    return out
+    return v.integer("n_d", n_d, minimum=1), v.integer("k", k, minimum=1)
 
 
 def nested_schedule(
     n_d: int, weights: Sequence[float] | Tensor | None = None, k: int = 1
 ) -> Iterator[tuple[str, float | Tensor | None]]:
-    """The order of one outer iteration of the nested training scheme (SPEC §2)::
+    """The order of one outer iteration of the nested training scheme (design §2)::
 
         for j in 1..n_d:
             k times: ("D", None)
@@ -95,7 +60,7 @@ def nested_schedule(
             non-finite weight number.
     """
     n_d, k = _check_n_d_k(n_d, k)
-    checked = _check_weights(weights, n_d)
+    checked = v.weights("weights", weights, n_d, "n_d")
     return _schedule(n_d, checked, k)
 
 
@@ -108,7 +73,7 @@ def _schedule(n_d: int, weights, k: int):
 
 
 class NestedTrainer:
-    """Drive a user's discriminator and generator steps over the nested schedule (SPEC §2).
+    """Drive a user's discriminator and generator steps over the nested schedule (design §2).
 
     ::
 
@@ -219,7 +184,7 @@ class NestedTrainer:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.n_d, self.k = _check_n_d_k(n_d, k)
-        self.weights = _check_weights(weights, self.n_d)
+        self.weights = v.weights("weights", weights, self.n_d, "n_d")
         self.mode = mode
         self.d_step = d_step
         self.g_step = g_step
@@ -266,11 +231,7 @@ class NestedTrainer:
 
     def run(self, n_outer: int) -> None:
         """Run ``n_outer`` outer iterations."""
-        if isinstance(n_outer, bool) or not isinstance(n_outer, numbers.Integral):
-            raise TypeError(f"n_outer must be a Python int, got {type(n_outer).__name__}")
-        if n_outer < 0:
-            raise ValueError(f"n_outer must be >= 0, got {n_outer}")
-        for _ in range(int(n_outer)):
+        for _ in range(v.integer("n_outer", n_outer, minimum=0)):
             self.run_outer()
 
     def run_outer(self) -> None:
@@ -314,7 +275,7 @@ class NestedTrainer:
     # ---------------------------------------------------------------------- accumulate mode
 
     def _weights_on(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = v.acc_dtype(dtype)
         key = (device, acc)
         w = self._acc_weights.get(key)
         if w is None:
@@ -340,7 +301,7 @@ class NestedTrainer:
                 )
             per_step.append(torch.autograd.grad(loss, params, allow_unused=True))
             self.g_steps += 1
-        written = []
+        written, zeros = [], {}
         for p_index, p in enumerate(params):
             grads = [step[p_index] for step in per_step]
             present = [i for i, g in enumerate(grads) if g is not None]
@@ -354,7 +315,7 @@ class NestedTrainer:
                 used = [grads[i] for i in present]
                 w_used = w[torch.tensor(present, device=p.device)]
             # x0 = zeros that take no memory (stride 0): out = sum_i w_i * g_i in one pass.
-            zero = torch.zeros((), dtype=p.dtype, device=p.device).expand_as(p)
+            zero = _grads.zeros(p, zeros)
             # written in place when it is a plain gradient; a .grad that is part of a graph
             # (after backward(create_graph=True)) is replaced, as AWLoss and BRC do
             out = p.grad if (p.grad is not None and p.grad.shape == p.shape

@@ -1,5 +1,5 @@
 """One training run on a synthetic benchmark: a scheme (CTS / NTS / NATS / annealed CFG, each
-optionally with aw-loss and/or BRC) on a loss, a dataset and a seed, then the SPEC §6 metrics."""
+optionally with aw-loss and/or BRC) on a loss, a dataset and a seed, then the design §6 metrics."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .. import schemes
+from .. import _validate, schemes
 from ..ops import annealed_weights
 from .data import get_dataset
 from .losses import get_loss
@@ -24,7 +24,7 @@ MODIFIERS = ("aw", "brc")
 
 @dataclass
 class RunConfig:
-    """One run's settings. Defaults: the BRC paper's synthetic setting (SPEC §6) -- 3 linear
+    """One run's settings. Defaults: the BRC paper's synthetic setting (design §6) -- 3 linear
     layers of width 256 with LeakyReLU(0.2), batch 512, Adam (torch's default betas), lr_G 1e-3
     -- except lr_D: 1e-3 instead of the paper's 1e-4. With 1e-4 every scheme collapsed to 0-1 of
     ring8's 8 modes within the main job's budget of 2000 D steps on a 2-core CPU (README); pass
@@ -130,12 +130,21 @@ def check_device(device) -> torch.device:
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 2
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+# Settings are Python's own int and float (exact=True): a numpy number would not go into JSON.
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _int_setting(name: str, value, minimum: int) -> None:
+    if not _validate.is_int(value, exact=True):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected >= {minimum}, got {value}")
+
+
+def _finite_setting(name: str, value, what: str, *, zero_ok: bool) -> None:
+    if (not _validate.is_number(value, exact=True) or not math.isfinite(value) or value < 0
+            or (value == 0 and not zero_ok)):
+        raise ValueError(f"{name}: expected a finite {what} {'>= 0' if zero_ok else '> 0'}, "
+                         f"got {value!r}")
 
 
 def check_config(cfg: RunConfig, world: int = 1) -> tuple[str, bool, bool]:
@@ -146,7 +155,7 @@ def check_config(cfg: RunConfig, world: int = 1) -> tuple[str, bool, bool]:
     ``world``: the number of processes that will train the run together (see :func:`run`); the
     global batch (and annealed-cfg's ``cfg_N`` and ``cfg_batch``) must split evenly over them,
     and several processes train on cpu (gloo) or on cuda (nccl, one GPU per process)."""
-    if not _is_int(world) or world < 1:
+    if not _validate.is_int(world, exact=True) or world < 1:
         raise ValueError(f"world: expected an integer >= 1 (the number of processes), "
                          f"got {world!r}")
     base, use_aw, use_brc = parse_scheme(cfg.scheme)
@@ -157,34 +166,21 @@ def check_config(cfg: RunConfig, world: int = 1) -> tuple[str, bool, bool]:
                          f"{cfg.loss!r} does not apply to it")
     for name in ("steps", "batch", "n_d", "z_dim", "width", "cfg_M", "cfg_N", "cfg_batch",
                  "cfg_x_epochs"):
-        v = getattr(cfg, name)
-        if not _is_int(v):
-            raise ValueError(f"{name}: expected an integer, got {v!r}")
-        if v < 1:
-            raise ValueError(f"{name}: expected >= 1, got {v}")
-    if not _is_int(cfg.eval_samples):
-        raise ValueError(f"eval_samples: expected an integer, got {cfg.eval_samples!r}")
-    if cfg.eval_samples < 2:
-        raise ValueError(f"eval_samples: expected >= 2, got {cfg.eval_samples}")
-    if not _is_int(cfg.seed) or not SEED_MIN <= cfg.seed <= SEED_MAX:
+        _int_setting(name, getattr(cfg, name), 1)
+    _int_setting("eval_samples", cfg.eval_samples, 2)
+    if not _validate.is_int(cfg.seed, exact=True) or not SEED_MIN <= cfg.seed <= SEED_MAX:
         raise ValueError(f"seed: expected an integer from -2**63 to 2**64 - 2 (torch's seed "
                          f"range, less one: a run also seeds with seed + 1), got {cfg.seed!r}")
     # learning rates: 0 is allowed for the Adam ones (a frozen network, e.g. for an ablation);
     # AnnealedCFG requires a positive one
     for name in ("lr_d", "lr_g", "cfg_lr"):
-        v = getattr(cfg, name)
-        if not _is_real(v) or not math.isfinite(v) or v < 0 or (name == "cfg_lr" and v == 0):
-            low = "> 0" if name == "cfg_lr" else ">= 0"
-            raise ValueError(f"{name}: expected a finite learning rate {low}, got {v!r}")
+        _finite_setting(name, getattr(cfg, name), "learning rate", zero_ok=name != "cfg_lr")
     if (not isinstance(cfg.betas, (tuple, list)) or len(cfg.betas) != 2
-            or not all(_is_real(b) and 0 <= b < 1 for b in cfg.betas)):
+            or not all(_validate.is_number(b, exact=True) and 0 <= b < 1 for b in cfg.betas)):
         raise ValueError(f"betas: expected two numbers in [0, 1), got {cfg.betas!r}")
     for name in ("w_first", "w_last"):
-        v = getattr(cfg, name)
-        if not _is_real(v) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
-    if not _is_real(cfg.cfg_eta) or not math.isfinite(cfg.cfg_eta) or cfg.cfg_eta <= 0:
-        raise ValueError(f"cfg_eta: expected a finite step size > 0, got {cfg.cfg_eta!r}")
+        _finite_setting(name, getattr(cfg, name), "number", zero_ok=False)
+    _finite_setting("cfg_eta", cfg.cfg_eta, "step size", zero_ok=False)
     dev = check_device(cfg.device)
     if world > 1:
         split = [("batch", "the global batch")]
@@ -395,7 +391,7 @@ def _run_nested(cfg, world, seed, base, G, D, G_dp, D_dp, loss, use_aw, use_brc,
         F_loss = w * loss.gen(fake_logits)
         opt_g.zero_grad(set_to_none=True)
         if brc is not None:
-            # f: the discriminator's loss on the same, non-detached fake batch (SPEC §5)
+            # f: the discriminator's loss on the same, non-detached fake batch (design §5)
             f = loss.real(D(real(batch))) + loss.fake(fake_logits)
             r_sum.add_(brc.backward(F_loss, f))  # BRC's r, summed on device
         else:

@@ -1,0 +1,111 @@
+"""The gradient-list helpers that :class:`~nats_kernels.schemes.AWLoss` and
+:class:`~nats_kernels.schemes.BRC` share: which parameters take part, whether two losses share
+an autograd graph, and when a freshly returned gradient may be written in place and kept as
+``.grad``. Metadata only: nothing here reads a tensor's value."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import _validate as v
+from .._compat import has_tensor_hooks
+
+
+def module(name: str, m) -> nn.Module:
+    """``m`` itself when it is an ``nn.Module`` (TypeError naming ``name`` otherwise)."""
+    if not isinstance(m, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
+    return m
+
+
+def trainable(name: str, m: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``m`` that require grad (tied parameters once), on one device."""
+    params = [p for p in m.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"{name} has no parameter with requires_grad=True (is it frozen with "
+            f"requires_grad_(False)?)"
+        )
+    device = params[0].device
+    for p in params:
+        if p.device != device:
+            raise ValueError(
+                f"{name} has parameters on {device} and on {p.device}; all trainable parameters "
+                f"must be on one device"
+            )
+        if p.dtype not in v.FLOATING:
+            raise TypeError(f"{name} has a trainable parameter of dtype {p.dtype}")
+    return params
+
+
+def loss(name: str, t, device: torch.device) -> Tensor:
+    """A loss that ``backward()`` would accept: one element, floating, part of a graph."""
+    v.tensor(name, t)
+    if t.numel() != 1:
+        raise ValueError(f"{name} must be a scalar loss (one element), got shape {tuple(t.shape)}")
+    if not t.requires_grad:
+        raise ValueError(
+            f"{name} does not require grad: it was computed under torch.no_grad() or from "
+            f"detached tensors, so it has no gradient to take"
+        )
+    v.same_device(device, **{name: t})
+    return t
+
+
+def shares_graph(a: Tensor, b: Tensor) -> bool:
+    """Whether the autograd graphs behind ``a`` and ``b`` have a node in common other than the
+    parameter leaves. Only then must a first backward pass from one keep its graph for a second
+    pass from the other (e.g. one discriminator forward on ``cat(real, fake)``, or both losses
+    computed from the same fake logits). The two graphs are walked breadth first, in turns, so a
+    shared node near the roots is found early; disjoint graphs are walked whole. Metadata only:
+    it follows ``grad_fn``, it reads no tensor value."""
+    walks = ((deque([a.grad_fn]), set()), (deque([b.grad_fn]), set()))
+    while walks[0][0] or walks[1][0]:
+        for (queue, seen), (_, other) in (walks, walks[::-1]):
+            while queue:
+                fn = queue.popleft()
+                if fn is None or fn in seen:
+                    continue
+                if fn in other and type(fn).__name__ != "AccumulateGrad":
+                    return True
+                seen.add(fn)
+                queue.extend(nxt for nxt, _ in fn.next_functions)
+                break
+    return False
+
+
+def storage_key(t: Tensor) -> tuple:
+    """Which memory ``t`` lives in: its device and the address of its storage."""
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def storage_counts(*lists: Sequence[Tensor | None]) -> Counter:
+    """How many tensors of the given lists (``None`` entries skipped) live in each storage."""
+    return Counter(storage_key(t) for ts in lists for t in ts if t is not None)
+
+
+def writable_as_grad(t: Tensor | None, p: Tensor, counts: Counter) -> bool:
+    """Whether ``t``, a gradient autograd just returned for ``p``, may be written in place and
+    kept as ``p.grad`` (what AccumulateGrad does with a gradient nobody else holds): ``p``'s
+    strides (so not expanded, not transposed), no other gradient of this call in the same storage
+    (autograd may hand one tensor to several inputs, e.g. both operands of an add), and no tensor
+    hook on ``p`` (a hook may have kept the very tensor)."""
+    return (
+        t is not None
+        and not has_tensor_hooks(p)
+        and t.stride() == p.stride()
+        and counts[storage_key(t)] == 1
+    )
+
+
+def zeros(p: Tensor, cache: dict) -> Tensor:
+    """A read-only zero gradient shaped like ``p`` (an expanded 0-d tensor: no allocation), the
+    0-d tensor made once per (device, dtype) in ``cache``."""
+    key = (p.device, p.dtype)
+    if key not in cache:
+        cache[key] = torch.zeros((), device=p.device, dtype=p.dtype)
+    return cache[key].expand(p.shape)
