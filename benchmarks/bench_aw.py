@@ -1,4 +1,4 @@
-"""One aw-loss step (SPEC §4): multi_dot + aw_weights + aw_combine_ on a discriminator's gradients.
+"""One aw-loss step (design §4): multi_dot + aw_weights + aw_combine_ on the gradients of a D.
 
 Gradient lists are shaped like the parameters of three discriminators (generated, no download):
 SN-GAN ResNet (CIFAR-10, ~1.05M parameters), DCGAN (64x64, ~2.8M) and BigGAN (128x128, ch=64,
@@ -50,7 +50,7 @@ def _inputs(shapes) -> dict:
 
 
 def _rule(rr, ff, rf, s_r, s_f):
-    """SPEC §4 normalized rule in Python (the official code's if/else)."""
+    """design §4 normalized rule in Python (the official code's if/else)."""
     r_norm, f_norm = math.sqrt(rr), math.sqrt(ff)
     if s_r < A1 or s_r < s_f - DELTA:
         return 1 / r_norm + EPS, (-rf / (ff * r_norm) if rf <= 0 else 0.0) + EPS

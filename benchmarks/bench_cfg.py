@@ -1,4 +1,4 @@
-"""cfg_accumulate (SPEC §1): all M = 15 functional-gradient steps of annealed CFG on a batch.
+"""cfg_accumulate (design §1): all M = 15 functional-gradient steps of annealed CFG on a batch.
 
 Sizes: samples 64x3x64x64 and 64x3x256x256 (the paper's resolutions) and a flat 8M-element
 fp32 tensor; grads stacked as ``(M, *x0.shape)``, NATS weights ``annealed_weights(1, 0.01, 15)``,

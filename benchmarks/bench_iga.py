@@ -1,4 +1,4 @@
-"""The BRC / IGA correction (SPEC §5): r = iga_ratio(df/dθ_D, dF/dθ_D); g_G -= r * df/dθ_G.
+"""The BRC / IGA correction (design §5): r = iga_ratio(df/dθ_D, dF/dθ_D); g_G -= r * df/dθ_G.
 
 Gradient lists shaped like the discriminator (for r) and generator (for the correction) of
 SN-GAN (CIFAR-10: D ~1.05M, G ~4.3M parameters), DCGAN (64x64: D ~2.8M, G ~3.6M) and BigGAN

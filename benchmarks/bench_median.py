@@ -1,4 +1,4 @@
-"""median_pairwise_distance (SPEC §3, NATS Technique 1): the median of the N(N-1)/2 distances.
+"""median_pairwise_distance (design §3, NATS Technique 1): the median of the N(N-1)/2 distances.
 
 Grid: the two target sizes of issue 3 (N = 4096, d = 1024; N = 32768, d = 3072, run once per
 provider and without the reference), then N in {2048, 8192, 20000} x d in {2, 3072, 12288}

@@ -44,10 +44,10 @@ GPU_TARGETS = [
 ]
 GPU_TARGET_PROVIDERS = ("triton", "cuda")
 OP_TITLES = {
-    "cfg_accumulate": "cfg_accumulate (SPEC §1), M = 15, fp32 (`bench_cfg.py`)",
-    "aw step": "aw step: multi_dot + aw_weights + aw_combine_ (SPEC §4), fp32 (`bench_aw.py`)",
-    "iga step": "iga step: iga_ratio + iga_correction_ (SPEC §5), fp32 (`bench_iga.py`)",
-    "median_pairwise_distance": "median_pairwise_distance (SPEC §3), fp32 (`bench_median.py`)",
+    "cfg_accumulate": "cfg_accumulate (design §1), M = 15, fp32 (`bench_cfg.py`)",
+    "aw step": "aw step: multi_dot + aw_weights + aw_combine_ (design §4), fp32 (`bench_aw.py`)",
+    "iga step": "iga step: iga_ratio + iga_correction_ (design §5), fp32 (`bench_iga.py`)",
+    "median_pairwise_distance": "median_pairwise_distance (design §3), fp32 (`bench_median.py`)",
 }
 
 

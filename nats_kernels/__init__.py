@@ -1,7 +1,7 @@
 """nats_kernels: fused kernels and drop-in training schemes for GAN research.
 
 Hot paths of annealed CFG / NATS, the adaptive weighted discriminator loss (aw-loss) and the
-best-response constraint (BRC / IGA). See README.md and SPEC.md for the math of each op.
+best-response constraint (BRC / IGA). See README.md and docs/design.md for the math of each op.
 """
 
 from . import reference  # noqa: F401  (registers the reference kernels)

@@ -2,7 +2,7 @@
 
 Run: python python/annealed_cfg_in_trainer.py [--steps N] [--M 10] [--eta 0.1]
 
-`AnnealedCFG` (SPEC §1) runs the official CFG algorithm with the annealed weight vector: per
+`AnnealedCFG` (design §1) runs the official CFG algorithm with the annealed weight vector: per
 stage, M discriminator snapshots are trained (each sample is moved up grad_x D_m with weight
 w_m, by the fused in-place `nk.cfg_step_`), then the generator is fitted to the moved samples.
 Lines marked `# nats_kernels` are what a training script needs; `--steps` counts stages.
@@ -20,7 +20,7 @@ import nats_kernels as nk
 from nats_kernels.schemes import AnnealedCFG, preset_weights  # nats_kernels
 from nats_kernels.train import get_dataset, mode_counts
 
-# The embedded 8-mode ring of SPEC §6 (generated, std 0.02).
+# The embedded 8-mode ring of design §6 (generated, std 0.02).
 RING = get_dataset("ring8")
 
 
@@ -36,7 +36,7 @@ def mlp(i: int, o: int) -> nn.Module:
 
 
 def ring_metrics(x: torch.Tensor) -> tuple[int, float]:
-    """Modes hit and % of points within 3 std of their nearest mode (SPEC §6)."""
+    """Modes hit and % of points within 3 std of their nearest mode (design §6)."""
     counts, assigned = mode_counts(x, RING)
     return int((counts > 0).sum()), 100.0 * float(assigned.double().mean())
 

@@ -2,9 +2,9 @@
 
 Run: python python/aw_in_trainer.py [--steps N] [--alg2]
 
-A small GAN on the 8-mode ring (SPEC §6, std 0.02). The loop is the usual alternating one; the
+A small GAN on the 8-mode ring (design §6, std 0.02). The loop is the usual alternating one; the
 discriminator's `d_loss.backward()` becomes `aw.backward(...)`, which weights the real and fake
-gradients adaptively (SPEC §4). Lines marked `# nats_kernels` are the ones a user changes:
+gradients adaptively (design §4). Lines marked `# nats_kernels` are the ones a user changes:
 
 * `AWLoss(D)` is built once;
 * the discriminator loss is kept as its two terms, L_r and L_f, instead of their sum;
@@ -23,7 +23,7 @@ from torch import nn
 from nats_kernels.schemes import AWLoss  # nats_kernels
 from nats_kernels.train import get_dataset, mode_counts
 
-# The embedded 8-mode ring of SPEC §6 (generated, std 0.02).
+# The embedded 8-mode ring of design §6 (generated, std 0.02).
 RING = get_dataset("ring8")
 
 
@@ -38,7 +38,7 @@ def mlp(i: int, o: int, width: int = 128) -> nn.Module:
 
 def modes(samples: torch.Tensor) -> tuple[int, float]:
     """Modes hit and high-quality fraction: a point counts for its nearest centre when it lies
-    within 3 std of it (SPEC §6)."""
+    within 3 std of it (design §6)."""
     counts, assigned = mode_counts(samples, RING)
     return int((counts > 0).sum()), float(assigned.double().mean())
 

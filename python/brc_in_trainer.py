@@ -2,10 +2,10 @@
 
 Run: python python/brc_in_trainer.py [--steps N] [--no-brc]
 
-A vanilla (non-saturating) GAN on the 8-mode ring (SPEC §6, std 0.02; the BRC paper's setting,
-smaller networks). The generator's `g_loss.backward()` becomes `brc.backward(F, f)`, which adds
-the implicit-gradient correction -r * df/dG of SPEC §5. Lines marked `# nats_kernels` are the
-ones a user changes:
+A vanilla (non-saturating) GAN on the 8-mode ring (design §6, std 0.02, stricter than the BRC
+paper's variance 0.02; smaller networks). The generator's `g_loss.backward()` becomes
+`brc.backward(F, f)`, which adds the implicit-gradient correction -r * df/dG of design §5.
+Lines marked `# nats_kernels` are the ones a user changes:
 
 * `BRC(G, D)` is built once;
 * the generator step also computes f, the discriminator's loss on the same fake batch, which
@@ -27,7 +27,7 @@ from torch.nn.functional import binary_cross_entropy_with_logits as bce
 from nats_kernels.schemes import BRC  # nats_kernels
 from nats_kernels.train import get_dataset, mode_counts
 
-# The embedded 8-mode ring of SPEC §6 (generated, std 0.02).
+# The embedded 8-mode ring of design §6 (generated, std 0.02).
 RING = get_dataset("ring8")
 
 
@@ -42,7 +42,7 @@ def mlp(i: int, o: int, width: int = 128) -> nn.Module:
 
 def modes(samples: torch.Tensor) -> tuple[int, float]:
     """Modes hit and high-quality fraction: a point counts for its nearest centre when it lies
-    within 3 std of it (SPEC §6)."""
+    within 3 std of it (design §6)."""
     counts, assigned = mode_counts(samples, RING)
     return int((counts > 0).sum()), float(assigned.double().mean())
 

@@ -3,7 +3,7 @@
 Run: python python/cfg_in_trainer.py [--steps N]
 
 A small GAN on the 8-mode ring. The discriminator trains as usual; the generated batch is moved
-by M functional-gradient steps of grad_x D (SPEC §1) with the annealed weights of NATS. Lines
+by M functional-gradient steps of grad_x D (design §1) with the annealed weights of NATS. Lines
 marked `# nats_kernels` are the ones a user changes in an existing loop:
 
 * `nk.annealed_weights` builds the decreasing weight vector once;
@@ -22,7 +22,7 @@ from torch import nn
 import nats_kernels as nk
 from nats_kernels.train import get_dataset
 
-# The embedded 8-mode ring of SPEC §6 (generated, std 0.02).
+# The embedded 8-mode ring of design §6 (generated, std 0.02).
 RING = get_dataset("ring8")
 
 

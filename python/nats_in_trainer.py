@@ -2,8 +2,8 @@
 
 Run: python python/nats_in_trainer.py [--steps N] [--n-d 5] [--mode loss|lr|accumulate]
 
-A small non-saturating GAN on the 8-mode ring (SPEC §6). The usual loop alternates one D step
-and one G step (CTS). NATS (SPEC §2) nests them: for j = 1..n_d, one D step then j G steps
+A small non-saturating GAN on the 8-mode ring (design §6). The usual loop alternates one D step
+and one G step (CTS). NATS (design §2) nests them: for j = 1..n_d, one D step then j G steps
 weighted w[1..j], w the annealed geometric progression. Lines marked `# nats_kernels` are the
 ones a user changes in an existing loop:
 
@@ -36,7 +36,7 @@ from nats_kernels.schemes import (  # nats_kernels
 )
 from nats_kernels.train import get_dataset, mode_counts
 
-# The embedded 8-mode ring of SPEC §6 (generated, std 0.02).
+# The embedded 8-mode ring of design §6 (generated, std 0.02).
 RING = get_dataset("ring8")
 
 
@@ -50,7 +50,7 @@ def mlp(i: int, o: int) -> nn.Module:
 
 
 def ring_metrics(x: torch.Tensor) -> tuple[int, float]:
-    """Modes hit and % of points within 3 std of their nearest mode (SPEC §6)."""
+    """Modes hit and % of points within 3 std of their nearest mode (design §6)."""
     counts, assigned = mode_counts(x, RING)
     return int((counts > 0).sum()), 100.0 * float(assigned.double().mean())
 

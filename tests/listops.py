@@ -8,7 +8,7 @@ from helpers import make
 
 
 def acc(dtype: torch.dtype) -> torch.dtype:
-    """SPEC's accumulation / result dtype of the reductions: float64 for float64, else float32."""
+    """Accumulation / result dtype (design §9.1): float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

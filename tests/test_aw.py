@@ -1,4 +1,4 @@
-"""multi_dot, aw_weights, aw_combine_ (SPEC §4, aw-loss) against float64 oracles written here.
+"""multi_dot, aw_weights, aw_combine_ (design §4, aw-loss) against float64 oracles written here.
 
 Every oracle upcasts the same, already rounded inputs to float64; nothing here calls the library's
 reference functions.
@@ -26,7 +26,7 @@ PROPERTY = settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
-NORM_EPS = 1e-4  # SPEC §4: added to both squared norms, as in the official aw_loss.py
+NORM_EPS = 1e-4  # design §4: added to both squared norms, as in the official aw_loss.py
 
 
 # Lists of shapes: awkward sizes, 0-d and zero-size tensors mixed in, one huge-ish tensor among
@@ -58,7 +58,7 @@ def value(w) -> float:
 
 
 def oracle_rule(dots, s_r, s_f, normalized=True, alpha1=0.5, alpha2=0.75, delta=0.05, eps=0.05):
-    """SPEC §4's table, transcribed in plain Python float64, with the official code's
+    """design §4's table, transcribed in plain Python float64, with the official code's
     comparisons (anything compared with NaN is false). Returns (w_r, w_f, case)."""
     rr = dots[0] + NORM_EPS
     ff = dots[1] + NORM_EPS

@@ -26,7 +26,7 @@ NEAR = (2e-6, 6e-5)
 
 
 def rule64(rr, ff, rf, s_r, s_f, normalized):
-    """SPEC §4's table in float64 Python arithmetic: (w_r, w_f, case)."""
+    """design §4's table in float64 Python arithmetic: (w_r, w_f, case)."""
     rr, ff = rr + NORM_EPS, ff + NORM_EPS
     inv_r, inv_f = (rr**-0.5, ff**-0.5) if normalized else (1.0, 1.0)
     weak = s_r < ALPHA1 or s_r < s_f - DELTA

@@ -1,4 +1,4 @@
-"""annealed_weights, cfg_accumulate, cfg_step_ (SPEC §1) against float64 oracles written here."""
+"""annealed_weights, cfg_accumulate, cfg_step_ (design §1) against float64 oracles written here."""
 
 from __future__ import annotations
 

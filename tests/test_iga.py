@@ -1,5 +1,5 @@
-"""iga_ratio, iga_correction_ (SPEC §5, BRC / IGA) against float64 oracles written here, and the
-sanity properties of SPEC §5 on tiny GANs.
+"""iga_ratio, iga_correction_ (design §5, BRC / IGA) against float64 oracles written here, and the
+sanity properties of design §5 on tiny GANs.
 
 Every oracle upcasts the same, already rounded inputs to float64; nothing here calls the library's
 reference functions.
@@ -280,7 +280,7 @@ def test_iga_correction_nan_inf_propagate(device, backend):
     assert g[0].isnan().all()
 
 
-# --------------------------------------------------------------------- BRC on tiny GANs (SPEC §5)
+# --------------------------------------------------------------------- BRC on tiny GANs (design §5)
 
 
 def mlp(sizes, dtype, seed):
@@ -358,7 +358,7 @@ def test_brc_zero_sum_update_is_one_plus_r_times_dF(device, backend, dtype, kind
     for p, (c, g) in enumerate(zip(corrected, gF_G)):
         assert_close(c, (1 + r.double()) * g.double(), dtype, f"(1 + r) dF/dG [{p}]")
 
-    # SPEC's cost-efficient evaluation: one backward of F - r.detach() f restricted to theta_G.
+    # design §5.3's cost-efficient evaluation: one backward of F - r.detach() f into theta_G.
     one_pass = torch.autograd.grad(F_ - r.detach() * f, pG, retain_graph=True)
     for p, (c, g) in enumerate(zip(corrected, one_pass)):
         assert_close(c, g.double(), dtype, f"one backward of F - r f [{p}]")
@@ -400,7 +400,7 @@ def test_brc_pure_zero_sum_cancels(device, backend, dtype, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ZERO_SUM_KINDS + ["non-saturating"])
 def test_brc_sign_convention_of_f(device, backend, dtype, kind):
-    """SPEC §5: "r is invariant to the sign convention of f (maximize f or minimize -f give the
+    """design §5: "r is invariant to the sign convention of f (maximize f or minimize -f give the
     same update)". Precisely: flipping f's sign flips df/dD and df/dG, hence r's sign, and the
     update dF/dG - r df/dG stays the same."""
     G, D, z, real = tiny_gan(dtype, device, seed=9)

@@ -1,4 +1,4 @@
-"""Correctness of SPEC §3, ``median_pairwise_distance``: the exact lower median of pairwise (or
+"""Correctness of design §3, ``median_pairwise_distance``: the exact lower median of pairwise (or
 cross) Euclidean distances, tile by tile, without the N x N matrix.
 
 Every result is checked against an independent float64 oracle written here (explicit coordinate
@@ -77,7 +77,7 @@ def oracle_batched(x, y=None, squared=False) -> torch.Tensor:
 
 
 def work_dtype(dtype):
-    """SPEC: distances are computed in float32 (float64 for float64 inputs)."""
+    """design §3.1: distances are computed in float32 (float64 for float64 inputs)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -132,7 +132,7 @@ def assert_exact(got, expected, what=""):
 @pytest.mark.parametrize("d", SIZES_D)
 @pytest.mark.parametrize("n", SIZES_N)
 def test_pairwise_matches_oracle(device, backend, n, d, dtype):
-    # float32 is held to the table's rtol (2e-5), tighter than SPEC's 1e-4 for unit-scale inputs.
+    # float32 is held to the table's rtol (2e-5), tighter than design §3.3's 1e-4 at unit scale.
     x = make((n, d), dtype, device, seed=1000 * n + d)
     for squared in (False, True):
         got = median(x, squared=squared)

@@ -1,4 +1,4 @@
-"""AWLoss and BRC (SPEC §4, §5, §7) against independent oracles written here.
+"""AWLoss and BRC (design §4, §5, §7) against independent oracles written here.
 
 AWLoss's oracle is the official aw-loss procedure: ``backward()`` per term, clone the gradients,
 ``torch.cat`` them, three ``torch.dot(...).item()``, the rule in plain Python, a per-parameter
@@ -28,7 +28,7 @@ from nats_kernels.schemes import BRC, AWLoss
 pytestmark = pytest.mark.single_thread
 
 F64 = torch.float64
-NORM_EPS = 1e-4  # SPEC §4: added to both squared norms
+NORM_EPS = 1e-4  # design §4: added to both squared norms
 
 # (device, backend) pairs of the ops each scheme calls.
 AW_CASES = cases("multi_dot", "aw_weights", "aw_combine_")
@@ -181,7 +181,7 @@ LOSSES = {"hinge": hinge, "bce": bce, "lsgan": lsgan}
 
 
 def oracle_rule(rr, ff, rf, s_r, s_f, normalized, alpha1=0.5, alpha2=0.75, delta=0.05, eps=0.05):
-    """SPEC §4's table in plain Python. rr and ff already include the 1e-4."""
+    """design §4's table in plain Python. rr and ff already include the 1e-4."""
     r_norm, f_norm = math.sqrt(rr), math.sqrt(ff)
     inv_r, inv_f = (1 / r_norm, 1 / f_norm) if normalized else (1.0, 1.0)
     if s_r < alpha1 or s_r < s_f - delta:
@@ -198,7 +198,7 @@ def oracle_rule(rr, ff, rf, s_r, s_f, normalized, alpha1=0.5, alpha2=0.75, delta
 def official_aw(D, loss_real, loss_fake, real_logits, fake_logits, normalized=True, **hyper):
     """The official aw_loss.py procedure. Its one change: a parameter with a gradient in only one
     pass gets zeros for the other (the official lists would silently misalign), and one with no
-    gradient at all keeps ``.grad`` None, as SPEC §7 asks."""
+    gradient at all keeps ``.grad`` None, as design §7 asks."""
     params = [p for p in D.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
@@ -725,7 +725,7 @@ def test_brc_matches_separate_autograd_calls(net, loss, device, backend):
 
 @on_brc_backends
 def test_brc_matches_specs_three_pass_evaluation(device, backend):
-    # SPEC §5: dF/dD and df/dD stopping at D, r, then one backward of F - r f into G only.
+    # design §5: dF/dD and df/dD stopping at D, r, then one backward of F - r f into G only.
     G, D, real, z = brc_setup("mlp", seed=3, device=device)
     F, f = vgan(D, real, G(z))
     p_d = list(D.parameters())

@@ -1,5 +1,5 @@
-"""nested_schedule / NestedTrainer (SPEC §2), AnnealedCFG (SPEC §1) and NATS Technique 1
-(SPEC §3) against oracles written here: hand-written nested loops, a naive CFG loop in the
+"""nested_schedule / NestedTrainer (design §2), AnnealedCFG (design §1) and NATS Technique 1
+(design §3) against oracles written here: hand-written nested loops, a naive CFG loop in the
 official code's style, torch.cdist + torch.median.
 
 Every test that reaches an op (NestedTrainer's accumulate mode: cfg_accumulate_list; AnnealedCFG:

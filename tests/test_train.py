@@ -1,4 +1,4 @@
-"""The main job's pieces: embedded datasets, SPEC §6 metrics against closed forms, scheme
+"""The main job's pieces: embedded datasets, design §6 metrics against closed forms, scheme
 parsing, one tiny run of every scheme, and the ``train`` command's files."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// C++ CPU kernels of SPEC §4 (aw-loss): multi_dot, aw_weights, aw_combine_.
+// C++ CPU kernels of design §4 (aw-loss): multi_dot, aw_weights, aw_combine_.
 // Arguments arrive validated (nats_kernels/ops/aw.py). The weight rule itself lives in
 // csrc/include/nk/aw_rule.h, shared with the CUDA kernels.
 #include <ATen/ATen.h>

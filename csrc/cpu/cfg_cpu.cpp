@@ -1,4 +1,4 @@
-// C++ CPU kernels of SPEC §1: cfg_accumulate (stacked and list forms) and cfg_step_.
+// C++ CPU kernels of design §1: cfg_accumulate (stacked and list forms) and cfg_step_.
 //
 //   out = x0 + sum_m c[m, b] * grads[m],   c[m, b] = (weights[m] * eta) * scale[m, b]
 //

@@ -1,4 +1,4 @@
-// C++ CPU kernels of SPEC §5 (BRC / IGA): iga_ratio and iga_correction_.
+// C++ CPU kernels of design §5 (BRC / IGA): iga_ratio and iga_correction_.
 // Arguments arrive validated (nats_kernels/ops/iga.py).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

@@ -1,4 +1,4 @@
-// C++ CPU kernel of SPEC §3: the exact lower median of pairwise Euclidean distances, without the
+// C++ CPU kernel of design §3: the exact lower median of pairwise Euclidean distances, without the
 // N x N matrix. Arguments arrive validated (nats_kernels/ops/median.py): x is (B, N, d), y is
 // (B, M, d) or None, both floating and of one dtype, memory_budget > 0.
 //

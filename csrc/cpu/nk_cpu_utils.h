@@ -277,7 +277,7 @@ inline std::vector<at::Tensor> safe_inputs(at::TensorList out, at::TensorList in
   return res;
 }
 
-// float32 math for float16/bfloat16/float32, float64 for float64 (SPEC conventions).
+// float32 math for float16/bfloat16/float32, float64 for float64 (design §9.1).
 template <typename T>
 using acc_t = at::opmath_type<T>;
 

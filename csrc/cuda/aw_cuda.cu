@@ -1,4 +1,4 @@
-// CUDA kernels of SPEC §4 (aw-loss): multi_dot, aw_weights, and combine_lists (aw_combine_;
+// CUDA kernels of design §4 (aw-loss): multi_dot, aw_weights, and combine_lists (aw_combine_;
 // iga_correction_ uses it too, as the CPU kernels share theirs). The weight rule itself is
 // csrc/include/nk/aw_rule.h, the same code as the CPU kernel's, run here in one device thread:
 // nothing is read back to the host.
@@ -57,7 +57,7 @@ struct AwRuleParams {
 };
 
 // One block: s_r, s_f from their partials (fixed-order sums, then / n in float64), and the
-// rule of SPEC §4 in the math type of the dots (double for float64 dots, else float), exactly
+// rule of design §4 in the math type of the dots (double for float64 dots, else float), exactly
 // as the CPU kernel rounds its inputs; weights written in the dots' dtype, the case as int64.
 template <typename D>
 __global__ void __launch_bounds__(kThreads) aw_rule_kernel(

@@ -1,4 +1,4 @@
-// CUDA kernel of SPEC §1: cfg_accumulate (stacked and list forms) and cfg_step_ (M = 1).
+// CUDA kernel of design §1: cfg_accumulate (stacked and list forms) and cfg_step_ (M = 1).
 //
 //   out = x0 + sum_m c[m, b] * grads[m],   c[m, b] = (w[m] * eta) * s[m, b]
 //

@@ -1,4 +1,4 @@
-// CUDA kernel of SPEC §5 (BRC / IGA): iga_ratio. iga_correction_ is combine_lists
+// CUDA kernel of design §5 (BRC / IGA): iga_ratio. iga_correction_ is combine_lists
 // (aw_cuda.cu) with wa = 1 and wb = -r: g - r * gf as 1 * g + (-r) * gf, the same float
 // operations (1 * x and the negation are exact), as the CPU kernel computes it.
 #include "nk_cuda_lists.cuh"

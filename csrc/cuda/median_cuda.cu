@@ -1,4 +1,4 @@
-// CUDA kernels of SPEC §3: the exact lower median of pairwise (or cross) Euclidean distances,
+// CUDA kernels of design §3: the exact lower median of pairwise (or cross) Euclidean distances,
 // without the N x N matrix. The algorithm family of csrc/cpu/median_cpu.cpp, with every decision
 // that depends on data taken on the device, so that the launch sequence is a function of the
 // shapes, the dtype and the budget only (no host synchronization: CUDA-graph capturable).

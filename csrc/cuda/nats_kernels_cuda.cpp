@@ -52,7 +52,7 @@ DType dtype_of(at::ScalarType t) {
   }
 }
 
-// Math / result dtype of the kernels: float64 for float64, float32 otherwise (SPEC).
+// Math / result dtype of the kernels: float64 for float64, float32 otherwise (design §9.1).
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
@@ -95,7 +95,7 @@ at::Tensor private_if_aliased(const at::Tensor& t, at::TensorList outs) {
   return t;
 }
 
-// ---- SPEC §1 ---------------------------------------------------------------------------------
+// ---- design §1 ---------------------------------------------------------------------------------
 
 // grads: the M gradients, either as a stacked (M, ...) tensor or as a list; one of the two.
 void cfg_run(const at::Tensor& x0, const at::Tensor* stacked, at::TensorList list,
@@ -180,7 +180,7 @@ void cfg_step_cuda(const at::Tensor& x, const at::Tensor& grad, const at::Tensor
   cfg_run(x, nullptr, at::TensorList(grad), weight.reshape({1}), eta, s, x);
 }
 
-// ---- Lists (SPEC §4, §5) ---------------------------------------------------------------------
+// ---- Lists (design §4, §5) ---------------------------------------------------------------------
 
 // Two input lists read side by side: a[p] as it is when dense (else contiguous), b[p] in a[p]'s
 // layout. The tensors stay alive in this struct until the launches are enqueued.
@@ -313,7 +313,7 @@ void iga_correction_cuda(at::TensorList g, at::TensorList gf, const at::Tensor& 
   combine(g, g, gf, nullptr, r, -1.0);
 }
 
-// ---- SPEC §3 ---------------------------------------------------------------------------------
+// ---- design §3 ---------------------------------------------------------------------------------
 
 // x: (B, N, d), y: (B, M, d) or None, one floating dtype, validated by ops/median.py. The result
 // (B,) in x's dtype; the workspace (scaled copies, sample, kept keys, device state) comes from

@@ -1,4 +1,4 @@
-// Launchers of the CUDA kernels (SPEC §1, §3, §4, §5) on raw device pointers and a cudaStream_t.
+// Launchers of the CUDA kernels (design §1, §3, §4, §5) on raw device pointers and a cudaStream_t.
 //
 // Plain C++ with no torch include: the .cu files compile with nvcc alone (.ci/nvcc_check), and
 // nats_kernels_cuda.cpp is the only file that knows about at::Tensor. That binding hands the
@@ -35,7 +35,7 @@ inline int64_t list_chunks(const int64_t* numel, int64_t P) {
   return n;
 }
 
-// ---- SPEC §1: out = x0 + sum_m ((w[m] * eta) * s[m, b]) * g_m ------------------------------
+// ---- design §1: out = x0 + sum_m ((w[m] * eta) * s[m, b]) * g_m ------------------------------
 //
 // Gradients are given either as a table (`grads`, M pointers, M <= kCfgMaxTable) or, when
 // `grads` is null, as g_m = grad_base + m * grad_stride (a stacked (M, ...) tensor, any M).
@@ -62,7 +62,7 @@ struct CfgArgs {
 
 cudaError_t cfg_accumulate(DType dtype, const CfgArgs& args, cudaStream_t stream);
 
-// ---- SPEC §4 ---------------------------------------------------------------------------------
+// ---- design §4 ---------------------------------------------------------------------------------
 //
 // a[p], b[p]: P device pointers each (host arrays), numel[p] elements. Partial sums per chunk go
 // to `partials` (3 * list_chunks(numel, P) doubles), then one block adds them in a fixed order.
@@ -105,7 +105,7 @@ cudaError_t combine_lists(DType dtype, void* const* out, const void* const* a,
                           const void* const* b, const int64_t* numel, int64_t P,
                           const void* wa, const void* wb, double wb_sign, cudaStream_t stream);
 
-// ---- SPEC §5 ---------------------------------------------------------------------------------
+// ---- design §5 ---------------------------------------------------------------------------------
 //
 // r = <gf, gF> / (<gf, gf> + eps): sums as multi_dot, the division in double, one rounding to
 // float (double for kDouble). partials: 3 * list_chunks(numel, P) doubles.
@@ -113,7 +113,7 @@ cudaError_t iga_ratio(DType dtype, const void* const* gf, const void* const* gF,
                       const int64_t* numel, int64_t P, double eps, double* partials, void* out,
                       cudaStream_t stream);
 
-// ---- SPEC §3: median_pairwise_distance -------------------------------------------------------
+// ---- design §3: median_pairwise_distance -------------------------------------------------------
 //
 // The exact lower median (rank (n - 1) // 2) of the squared Euclidean distances of the pairs
 // i < j of the rows of x (y null), or of every row of x with every row of y, per batch element;

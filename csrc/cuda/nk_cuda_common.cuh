@@ -20,7 +20,7 @@ namespace nk_cuda {
 constexpr int kThreads = 256;  // threads per block of every kernel (the block sums assume it)
 constexpr int kWarps = kThreads / 32;
 
-// Math type: float for float16 / bfloat16 / float32, double for float64 (SPEC conventions).
+// Math type: float for float16 / bfloat16 / float32, double for float64 (design §9.1).
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 template <typename T> using acc_t = typename AccOf<T>::type;

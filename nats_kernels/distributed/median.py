@@ -1,4 +1,4 @@
-"""SPEC §3 under ``torch.distributed``: the exact median pairwise distance of the union of every
+"""design §3 under ``torch.distributed``: the exact median pairwise distance of the union of every
 rank's shard of samples, with the tiles of distances shared out between the ranks.
 
 Each rank holds a shard ``x`` of shape ``(N_rank, *feat)`` (and ``y``, ``(M_rank, *feat)``, for

@@ -1,4 +1,4 @@
-"""PyTorch reference of SPEC §4: gradient inner products, the aw weight rule, the combined
+"""PyTorch reference of design §4: gradient inner products, the aw weight rule, the combined
 gradient. Arguments arrive validated (see nats_kernels/ops/aw.py). No value is read on the host:
 the five-case rule is a tree of ``torch.where``."""
 
@@ -8,7 +8,7 @@ import torch
 
 from .._validate import acc_dtype
 
-# Added to both squared norms before they are used (SPEC §4, as in the official aw_loss.py).
+# Added to both squared norms before they are used (design §4, as in the official aw_loss.py).
 NORM_EPS = 1e-4
 
 

@@ -1,4 +1,4 @@
-"""PyTorch reference of SPEC §1: annealed weights and the CFG accumulation.
+"""PyTorch reference of design §1: annealed weights and the CFG accumulation.
 
 Arguments arrive validated (see nats_kernels/ops/cfg.py). Math in float32, or float64 for
 float64 inputs; the result is cast back to the input dtype once, at the end.

@@ -1,4 +1,4 @@
-"""PyTorch reference of SPEC §5: the IGA ratio and the generator-gradient correction.
+"""PyTorch reference of design §5: the IGA ratio and the generator-gradient correction.
 Arguments arrive validated (see nats_kernels/ops/iga.py)."""
 
 from __future__ import annotations

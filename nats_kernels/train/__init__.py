@@ -1,5 +1,5 @@
 """The main job: train GANs on embedded synthetic benchmarks with the library's schemes and
-compare them with SPEC §6's metrics (``nats-kernels train``)."""
+compare them with design §6's metrics (``nats-kernels train``)."""
 
 from .data import DATASETS, Mixture, get_dataset
 from .losses import LOSSES, GANLoss, get_loss

@@ -1,4 +1,4 @@
-"""Embedded synthetic benchmarks: mixtures of Gaussians (SPEC §6), generated, never downloaded."""
+"""Embedded synthetic benchmarks: mixtures of Gaussians (design §6), generated, never downloaded."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def _grid(values, dim: int, std: float, name: str) -> Mixture:
     return Mixture(name, pts, std)
 
 
-#: The benchmarks of SPEC §6. ring8 / ring5 / cube27 use the BRC paper's std 0.02 (its networks
-#: are the defaults here); grid25 the usual 0.05.
+#: The benchmarks of design §6. ring8 / ring5 / cube27 use std 0.02 (stricter than the BRC
+#: paper's "variance 0.02", std ~0.141: design §6.1); grid25 the usual 0.05.
 DATASETS = {
     "ring8": _ring(8, 0.02, "ring8"),
     "ring5": _ring(5, 0.02, "ring5"),

@@ -1,8 +1,8 @@
 """GAN losses for the synthetic benchmarks, split the way aw-loss and BRC need them.
 
-Every loss gives the discriminator's real and fake terms separately (aw-loss weights them, SPEC
+Every loss gives the discriminator's real and fake terms separately (aw-loss weights them, design
 §4) and the generator's loss on fake logits. The discriminator loss is always written as a
-quantity to *minimize*; BRC's f is that loss on a non-detached fake batch (SPEC §5: the sign
+quantity to *minimize*; BRC's f is that loss on a non-detached fake batch (design §5: the sign
 convention of f does not change the update).
 """
 

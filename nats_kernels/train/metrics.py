@@ -1,4 +1,4 @@
-"""Metrics of SPEC §6 for generated points of a Gaussian mixture (PacGAN's MetricLogger rules)."""
+"""Metrics of design §6 for generated points of a Gaussian mixture (PacGAN's MetricLogger rules)."""
 
 from __future__ import annotations
 

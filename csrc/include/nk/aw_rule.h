@@ -1,4 +1,4 @@
-// The aw-loss weight rule of SPEC §4 (Zadorozhnyy et al., CVPR 2021), written once for every
+// The aw-loss weight rule of design §4 (Zadorozhnyy et al., CVPR 2021), written once for every
 // compiled backend: plain scalar math, no torch headers, usable as host and as device code.
 //
 // Semantics are those of nats_kernels/reference/aw.py (the oracle), which follows the official
@@ -19,14 +19,14 @@
 
 namespace nk {
 
-// Added to both squared norms before they are used (SPEC §4, as in the official aw_loss.py).
+// Added to both squared norms before they are used (design §4, as in the official aw_loss.py).
 constexpr double kAwNormEps = 1e-4;
 
 template <typename T>
 struct AwWeights {
   T w_r;
   T w_f;
-  int case_id;  // 1..5, the row/column of SPEC §4's table
+  int case_id;  // 1..5, the row/column of design §4's table
 };
 
 NK_HOST_DEVICE inline float aw_sqrt(float x) { return sqrtf(x); }
