@@ -24,17 +24,17 @@ class PrivateAPIError(RuntimeError):
     """A private or undocumented torch API this package relies on is gone or has changed."""
 
 
-def gone(api: str, user: str, todo: str) -> PrivateAPIError:
+def gone(api: str, user: str, remedy: str) -> PrivateAPIError:
     """The error for ``api`` missing from the installed torch: names it, the function of this
-    module that wraps it (``user``) and what to change (``todo``)."""
+    module that wraps it (``user``) and what to change (``remedy``)."""
     return PrivateAPIError(
         f"torch {torch.__version__} no longer provides {api}, which "
-        f"nats_kernels._compat.{user} relies on: {todo}"
+        f"nats_kernels._compat.{user} relies on: {remedy}"
     )
 
 
 _HOOKS_API = "the private attribute Tensor._backward_hooks"
-_HOOKS_TODO = (
+_HOOKS_REMEDY = (
     "find where Tensor.register_hook now keeps its hooks (torch/_tensor.py) and read that in "
     "has_tensor_hooks; if nothing can tell, make has_tensor_hooks return True (the gradient "
     "buffers are then never reused in place: slower, still correct)"
@@ -48,12 +48,12 @@ def has_tensor_hooks(t: torch.Tensor) -> bool:
     try:
         hooks = t._backward_hooks
     except AttributeError as e:
-        raise gone(_HOOKS_API, "has_tensor_hooks", _HOOKS_TODO) from e
+        raise gone(_HOOKS_API, "has_tensor_hooks", _HOOKS_REMEDY) from e
     return bool(hooks)
 
 
 _KERNEL_API = "the method has_kernel_for_dispatch_key of torch.ops operator overloads"
-_KERNEL_TODO = (
+_KERNEL_REMEDY = (
     "answer the same question another way in has_kernel (torch.library.get_kernel gives the "
     "computed kernel, fallbacks included); until then the compiled backends cannot register"
 )
@@ -62,7 +62,7 @@ _KERNEL_TODO = (
 def has_kernel(qualname: str, dispatch_key: str) -> bool:
     """Whether the operator ``qualname`` (``"ns::op"`` for its default overload, or
     ``"ns::op.overload"``) has a kernel registered for ``dispatch_key`` itself (``"CPU"``,
-    ``"CUDA"``, a ``torch.DispatchKey`` name) itself: a fallback or a kernel registered for an
+    ``"CUDA"``, a ``torch.DispatchKey`` name): a fallback or a kernel registered for an
     alias key (CompositeExplicitAutograd, ...) does not count. Raises AttributeError for an
     operator or a dispatch key that does not exist."""
     ns, _, rest = qualname.partition("::")
@@ -71,5 +71,5 @@ def has_kernel(qualname: str, dispatch_key: str) -> bool:
     try:
         query = op.has_kernel_for_dispatch_key
     except AttributeError as e:
-        raise gone(_KERNEL_API, "has_kernel", _KERNEL_TODO) from e
+        raise gone(_KERNEL_API, "has_kernel", _KERNEL_REMEDY) from e
     return bool(query(getattr(torch.DispatchKey, dispatch_key)))

@@ -198,6 +198,20 @@ def all_reduce_mean_(buffers: Sequence[Tensor], group, extra: Tensor | None = No
     torch._foreach_div_(todo, float(world))
 
 
+def average_in_place_(
+    tensors: Sequence[Tensor | None], like: Sequence[Tensor], group, limit: int,
+    extra: Tensor | None = None,
+) -> list[Tensor]:
+    """Replace each tensor by its mean over ranks (a None takes part as zeros and stays None);
+    returns the views of the flat buffers, for entries the caller wants to fill itself."""
+    buffers, views = flat_buffers(tensors, like, limit)
+    all_reduce_mean_(buffers, group, extra)
+    have = [(t, vw) for t, vw in zip(tensors, views) if t is not None]
+    if have:
+        torch._foreach_copy_([t for t, _ in have], [vw for _, vw in have])
+    return views
+
+
 def mean_over_ranks(
     tensors: Sequence[Tensor | None], like: Sequence[Tensor], group, limit: int,
     extra: Tensor | None = None,

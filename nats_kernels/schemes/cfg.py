@@ -524,12 +524,8 @@ class AnnealedCFG:
         that is not DDP-wrapped; a parameter without ``.grad`` counts as zeros there and keeps
         None here)."""
         params = [p for p in module.parameters() if p.requires_grad]
-        grads = [p.grad for p in params]
-        buffers, views = _comm.flat_buffers(grads, params, self._sync.bucket_bytes)
-        _comm.all_reduce_mean_(buffers, self.process_group)
-        have = [(g, vw) for g, vw in zip(grads, views) if g is not None]
-        if have:
-            torch._foreach_copy_([g for g, _ in have], [vw for _, vw in have])
+        _comm.average_in_place_([p.grad for p in params], params, self.process_group,
+                                self._sync.bucket_bytes)
 
     # --------------------------------------------------------------------------- checkpoints
 

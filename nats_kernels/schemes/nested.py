@@ -326,16 +326,13 @@ class NestedTrainer:
         if self.process_group is not None:
             # the weighted sum is linear: its mean over ranks is the sum of the means, one
             # flat all-reduce per bucket per block (a parameter no loss reached counts as zeros)
-            buffers, views = _comm.flat_buffers(written, params, self._sync.bucket_bytes)
             used = [g is not None for g in written]
             extra = _comm.used_flags(used, params[0]) if self._sync.find_unused else None
-            _comm.all_reduce_mean_(buffers, self.process_group, extra)
+            views = _comm.average_in_place_(written, params, self.process_group,
+                                            self._sync.bucket_bytes, extra)
             if extra is not None:  # one host read, as DDP's find_unused_parameters makes
                 for p, g, vw, u in zip(params, written, views, (extra > 0).tolist()):
                     if u and g is None:  # reached on another rank only
                         p.grad = vw.clone()
-            have = [(g, vw) for g, vw in zip(written, views) if g is not None]
-            if have:
-                torch._foreach_copy_([g for g, _ in have], [vw for _, vw in have])
         self.g_optimizer.step()
         self.g_optimizer_steps += 1
