@@ -44,12 +44,24 @@ from typing import NamedTuple
 
 import torch
 
+from .._validate import acc_dtype
+
 DIGIT_BITS = 16
 NBINS = 1 << DIGIT_BITS
 
 
+# |coordinate| bound of the scaled problem: 2**e with e clamped to 3/4 of the exponent range of
+# the work dtype (1024 / 128), so 2**-e and 2**e are normal numbers.
+EXPONENT_BOUND = {torch.float64: 768, torch.float32: 96}
+
+
+def key_dtype(work: torch.dtype) -> torch.dtype:
+    """The integer type whose values order like the non-negative ``work`` floats they alias."""
+    return torch.int64 if work == torch.float64 else torch.int32
+
+
 def _key_bits(dtype: torch.dtype) -> int:
-    return 64 if dtype == torch.float64 else 32
+    return key_dtype(acc_dtype(dtype)).itemsize * 8
 
 
 def _tile_bytes_per_element(key_bytes: int) -> int:
@@ -72,7 +84,7 @@ def _pow2_exponent(x, y, work: torch.dtype) -> torch.Tensor:
         return torch.maximum(t.amax((1, 2)), -t.amin((1, 2))).to(work)
 
     big = absmax(x) if y is None else torch.maximum(absmax(x), absmax(y))
-    bound = 768 if work == torch.float64 else 96  # 3/4 of the max exponent, 1024 / 128
+    bound = EXPONENT_BOUND[work]
     return torch.frexp(big).exponent.clamp(-bound, bound)
 
 
@@ -196,14 +208,14 @@ def keeps_keys(plan: TilePlan, blocks, batch: int, dtype: torch.dtype, memory_bu
     return _keys_bytes(blocks, batch, key_bytes) <= half and plan.tile <= half_tile
 
 
-def _tile_keys(a, b, norm_a, norm_b, i0, i1, j0, j1, key_dtype) -> torch.Tensor:
+def _tile_keys(a, b, norm_a, norm_b, i0, i1, j0, j1, kdt) -> torch.Tensor:
     """The (B, i1 - i0, j1 - j0) keys of one tile: its squared distances' bit patterns."""
     d2 = norm_a[:, i0:i1, None] + norm_b[:, None, j0:j1]
     d2.baddbmm_(a[:, i0:i1], b[:, j0:j1].transpose(1, 2), alpha=-2)
     # Rounding can push a tiny squared distance below zero; + 0.0 turns -0.0 into +0.0 so the
     # bit patterns stay ordered. NaN only comes from NaN/Inf inputs (result NaN anyway).
     d2.clamp_min_(0).nan_to_num_(nan=math.inf, posinf=math.inf).add_(0.0)
-    return d2.view(key_dtype)
+    return d2.view(kdt)
 
 
 def median_pairwise_distance_ref(x, y, squared: bool, memory_budget: int) -> torch.Tensor:
@@ -232,8 +244,8 @@ def radix_median(
     the single-process one, since the same tiles are computed by the same ops and integer counts
     add up exactly in any order. Returns the (B,) lower medians in x's dtype.
     """
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    key_dtype = torch.int64 if work == torch.float64 else torch.int32
+    work = acc_dtype(x.dtype)
+    kdt = key_dtype(work)
     key_bits = _key_bits(x.dtype)
     batch, n, _ = x.shape
     device = x.device
@@ -263,12 +275,12 @@ def radix_median(
     for p in range(key_bits // DIGIT_BITS):
         shift = key_bits - DIGIT_BITS * (p + 1)
         counts = torch.zeros(sentinel + 1, dtype=torch.int64, device=device)
-        prefix_key = prefix.to(key_dtype).view(batch, 1, 1) if p > 0 else None
+        prefix_key = prefix.to(kdt).view(batch, 1, 1) if p > 0 else None
         for idx, (i0, i1, j0, j1, diagonal) in enumerate(blocks):
             if materialize and p > 0:
                 keys = cache[idx]
             else:
-                keys = _tile_keys(a, b, norm_a, norm_b, i0, i1, j0, j1, key_dtype)
+                keys = _tile_keys(a, b, norm_a, norm_b, i0, i1, j0, j1, kdt)
                 if materialize:
                     cache.append(keys)
             invalid = None
@@ -290,7 +302,7 @@ def radix_median(
         rank_k = rank_k - below[:, 0]
         prefix = (prefix << DIGIT_BITS) | digit[:, 0]
 
-    value = prefix.to(key_dtype).view(work)
+    value = prefix.to(kdt).view(work)
     up = _pow2(exponent, work)
     # Undo the scaling: exact, unless the true value lies beyond the dtype's range.
     value = value * up * up if squared else value.sqrt() * up

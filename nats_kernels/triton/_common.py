@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._validate import acc_dtype
+
 # Elements per vector step of a program.
 BLOCK = 1024
 # Elements per program of the multi-tensor kernels. Fixed, never derived from the device: the
@@ -41,12 +43,8 @@ RBLOCK = 1024
 
 
 def acc_tl(dtype: torch.dtype):
-    """The accumulation type (design §9.1) in Triton: float64 for float64, float32 otherwise."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def acc_torch(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """The accumulation type (design §9.1, ``_validate.acc_dtype``) as a Triton type."""
+    return {torch.float64: tl.float64, torch.float32: tl.float32}[acc_dtype(dtype)]
 
 
 # --------------------------------------------------------------------------------- layouts

@@ -13,13 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .._validate import acc_dtype
 from ._common import (
     BLOCK,
     CHUNK,
     RBLOCK,
     SLOTS,
     acc_tl,
-    acc_torch,
     finish,
     plan,
     safe_inputs,
@@ -109,7 +109,7 @@ def _dots_final_kernel(part_ptr, n_parts, out_ptr, eps: "fp64", RATIO: tl.conste
 def list_dots(a: list[torch.Tensor], b: list[torch.Tensor], eps: float | None) -> torch.Tensor:
     """(<a,a>, <b,b>, <a,b>) as a (3,) tensor, or <a,b> / (<a,a> + eps) as a 0-d tensor when
     ``eps`` is given; in float32 (float64 for float64 inputs), on the inputs' device."""
-    acc = acc_torch(a[0].dtype)
+    acc = acc_dtype(a[0].dtype)
     device = a[0].device
     p = plan([a, b], writes=False)
     # One slot per chunk and sum; at least one element so that the pointer is a real allocation.

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from .._dispatch import register
-from ._common import BLOCK, acc_tl, acc_torch, layout2d, overlap_hazard
+from .._validate import acc_dtype
+from ._common import BLOCK, acc_tl, layout2d, overlap_hazard
 
 # Gradients of the list form read by one launch (the tuple is unrolled in the kernel). More
 # steps than this run in passes of up to MAX_LIST gradients through a float32/float64 scratch
@@ -125,7 +126,7 @@ def _run(x0, grads, stacked, weights, eta, scale, out):
         for m0 in range(0, len(grads), MAX_LIST):
             part = grads[m0:m0 + MAX_LIST]
             last = m0 + MAX_LIST >= len(grads)
-            dst = target if last else torch.empty(x0.shape, dtype=acc_torch(x0.dtype),
+            dst = target if last else torch.empty(x0.shape, dtype=acc_dtype(x0.dtype),
                                                   device=x0.device)
             # Adding a contiguous scratch to operands laid out in <= 2 dims keeps them so.
             lay = layout2d([dst, src, *part])

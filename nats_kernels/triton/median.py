@@ -65,7 +65,8 @@ import triton
 import triton.language as tl
 
 from .._dispatch import register
-from ..reference.median import scale_and_centre
+from .._validate import acc_dtype
+from ..reference.median import key_dtype, scale_and_centre
 
 # Radix digit: bits per pass and bins per histogram.
 DIGIT = 11
@@ -230,7 +231,7 @@ def shifts(work: torch.dtype) -> list[int]:
     """The digit shifts of the radix passes, most significant digit first: DIGIT-bit digits
     from bit 0 up, enough to cover the 31 (63) value bits of a float32 (float64) key, whose
     sign bit is always 0 (the top digit reaches past the key's width)."""
-    key_bits = 63 if work == torch.float64 else 31
+    key_bits = key_dtype(work).itemsize * 8 - 1
     count = -(-key_bits // DIGIT)
     return [DIGIT * (count - 1 - p) for p in range(count)]
 
@@ -258,7 +259,7 @@ class Problem:
 
     @property
     def key_dtype(self) -> torch.dtype:
-        return torch.int64 if self.work == torch.float64 else torch.int32
+        return key_dtype(self.work)
 
     @property
     def keys_per_problem(self) -> int:
@@ -277,7 +278,7 @@ class Problem:
 def prepare(x, y) -> Problem:
     """Scale by 2**-e and centre into contiguous work copies; norms; the launch geometry."""
     batch, n, d = x.shape
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = acc_dtype(x.dtype)
     pairwise = y is None
     m = n if pairwise else y.shape[1]
     a, b, norm_a, norm_b, exponent = scale_and_centre(x, y, work, contiguous=True)
@@ -348,7 +349,7 @@ def median_pairwise_distance(x, y, squared: bool, memory_budget: int):
     """x: (B, N, d); y: (B, M, d) or None. Returns the (B,) lower medians in x's dtype."""
     batch = x.shape[0]
     device = x.device
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    work = acc_dtype(x.dtype)
     # The kernel writes the work dtype; torch rounds half-precision results (the interpreter
     # truncates float32 -> bfloat16 where the GPU rounds to nearest even).
     out = torch.empty(batch, dtype=work, device=device)
