@@ -5,34 +5,12 @@ best-response constraint (BRC / IGA). See README.md and docs/design.md for the m
 """
 
 from . import reference  # noqa: F401  (registers the reference kernels)
-from ._dispatch import backends
+from ._dispatch import backends  # noqa: F401  (public, in __all__ below)
 from ._load import load_all as _load_all
-from .ops import (
-    DEFAULT_MEMORY_BUDGET,
-    annealed_weights,
-    aw_combine_,
-    aw_weights,
-    cfg_accumulate,
-    cfg_step_,
-    iga_correction_,
-    iga_ratio,
-    median_pairwise_distance,
-    multi_dot,
-)
+from .ops import *  # noqa: F403  (the public ops; ops.__all__ is the one list of them)
+from .ops import __all__ as _ops_all
 
 _load_all()
 
 __version__ = "0.1.0"
-__all__ = [
-    "DEFAULT_MEMORY_BUDGET",
-    "annealed_weights",
-    "aw_combine_",
-    "aw_weights",
-    "backends",
-    "cfg_accumulate",
-    "cfg_step_",
-    "iga_correction_",
-    "iga_ratio",
-    "median_pairwise_distance",
-    "multi_dot",
-]
+__all__ = sorted([*_ops_all, "backends"])
