@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import gan_shapes
 import nkbench
 import pytest
 import torch
@@ -35,7 +36,8 @@ BASELINE = "official"
 TOL = 1e-4
 A1, A2, DELTA, EPS = 0.5, 0.75, 0.05, 0.05
 
-SIZES = [(label, d_shapes) for label, d_shapes, _ in nkbench.gan_families()]
+FAMILIES = gan_shapes.gan_families(nkbench.smoke(), nkbench.ON_GPU)
+SIZES = [(label, d_shapes) for label, d_shapes, _ in FAMILIES]
 PROVIDERS = [BASELINE, *nkbench.kernel_providers(OPS), "foreach"]
 _cache = nkbench.SizeCache()
 
@@ -107,7 +109,7 @@ def test_aw_step(benchmark, use_provider, label, shapes, provider):
     d = _cache.get(label, lambda: _inputs(shapes))
     out = [torch.empty_like(g) for g in d["g_r"]]
     run = _provider_fn(provider, d, out)
-    p = nkbench.numel(shapes)
+    p = gan_shapes.numel(shapes)
     roof = nkbench.roofline(5 * p * 4, 9 * p)
     nkbench.check_and_record(
         benchmark, op=OP, label=label, provider=provider, baseline=BASELINE, run=run,

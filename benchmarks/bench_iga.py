@@ -18,6 +18,7 @@ Providers (the baseline first):
 
 from __future__ import annotations
 
+import gan_shapes
 import nkbench
 import pytest
 import torch
@@ -33,7 +34,8 @@ BASELINE = "per_tensor_item"
 TOL = 1e-3
 IGA_EPS = 1e-12
 
-SIZES = [(label, (d_shapes, g_shapes)) for label, d_shapes, g_shapes in nkbench.gan_families()]
+FAMILIES = gan_shapes.gan_families(nkbench.smoke(), nkbench.ON_GPU)
+SIZES = [(label, (d_shapes, g_shapes)) for label, d_shapes, g_shapes in FAMILIES]
 PROVIDERS = [BASELINE, *nkbench.kernel_providers(OPS), "foreach"]
 _cache = nkbench.SizeCache()
 
@@ -77,7 +79,7 @@ def _provider_fn(provider: str, d: dict, g_G: list):
 def test_iga_step(benchmark, use_provider, label, shapes, provider):
     use_provider(provider)
     d = _cache.get(label, lambda: _inputs(shapes))
-    p_d, p_g = nkbench.numel(shapes[0]), nkbench.numel(shapes[1])
+    p_d, p_g = gan_shapes.numel(shapes[0]), gan_shapes.numel(shapes[1])
     roof = nkbench.roofline((2 * p_d + 3 * p_g) * 4, 4 * p_d + 2 * p_g)
 
     def fresh(name):   # the untimed agreement calls each correct their own copy of g_G

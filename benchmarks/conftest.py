@@ -7,7 +7,8 @@ Run, from the repository root:
 
 ``NK_BENCH_SIZES=full`` (default) | ``all`` | ``smoke`` picks the size set; ``NK_BENCH_NOTE``
 is copied into the JSON (and so into RESULTS.md), e.g. to say the machine was busy. Shared
-helpers (providers, rooflines, agreement checks, model shapes) are in ``nkbench.py``.
+helpers (providers, rooflines, agreement checks) are in ``nkbench.py``, the GAN parameter
+shapes of the list-op benchmarks in ``gan_shapes.py``.
 """
 
 from __future__ import annotations
