@@ -8,10 +8,12 @@ from torch import Tensor, nn
 
 from .. import _validate as v
 from ..distributed import _comm
-from ..ops import iga_correction_, iga_ratio, multi_dot
-from . import _grads
+from ..ops import iga_correction_, multi_dot
+from . import _grads, _implicit
 
 __all__ = ["BRC"]
+
+SOLVERS = ("iga", "cg", "neumann")
 
 
 class BRC:
@@ -50,6 +52,26 @@ class BRC:
 
     r changes sign with the sign convention of f (``f`` or ``-f``); the generator update does not.
 
+    What eq. 9 does (design §5.2): with the standard discriminator loss and the non-saturating
+    generator loss, ``dF/dG - r df/dG = -(1/n) sum_i [1 + (r - 1) s_i] dl_i/dG`` (``s_i`` the
+    sigmoid of fake logit i): the plain per-sample directions, reweighted by the logit alone,
+    pushing sample i the wrong way when ``r < 0`` and ``s_i > 1/(1 - r)``. With the saturating
+    loss or WGAN it is the scalar gain ``(1 + r)`` on the plain gradient, reversed when
+    ``r < -1``. ``|df/dD|`` shrinks as D nears its best response, so ``|r|`` grows then. On the
+    8-mode ring this lost modes against the plain GAN (design §5.2 has the numbers);
+    ``last_norms`` shows the two norms behind each r, and ``ratio_clamp=(lo, hi)`` bounds r.
+
+    Solvers. ``solver="iga"`` (default) is eq. 9 above. ``"cg"`` and ``"neumann"`` compute the
+    implicit best-response term itself (design §5.4): ``v`` solving
+    ``(H_DD + damping I) v = dF/dD`` with ``iters`` Hessian-vector products through D (conjugate
+    gradients, or the Neumann series with step ``neumann_step``), then the generator gradient
+    ``dF/dG - H_GD v`` (``H_GD v``: one more double backward). H_DD of a GAN discriminator is
+    in general indefinite: ``damping`` shifts its spectrum, CG needs ``H_DD + damping I``
+    positive definite to converge, Neumann every eigenvalue in ``(0, 2/neumann_step)``.
+    ``last_residual`` says how far the solve got. Cost: one backward of F, one of f with
+    ``create_graph=True``, ``iters`` double backwards through D's part of that graph and one
+    into G; memory: the double-backward graph plus five copies of D's gradients (CG).
+
     Do not freeze the discriminator (``requires_grad_(False)``) around the generator step: r
     needs the gradients with respect to its parameters. Frozen discriminator parameters are left
     out of r.
@@ -75,21 +97,38 @@ class BRC:
             wrappers) with no parameter in common; each module's trainable parameters on one
             device (the same device for both).
         eps: a finite, non-negative Python number added to the denominator of r.
+        solver: ``"iga"``, ``"cg"`` or ``"neumann"`` (see Solvers).
+        iters: Hessian-vector products per call of ``"cg"`` / ``"neumann"`` (an int >= 1).
+        damping: finite, >= 0, added to H_DD's diagonal by ``"cg"`` / ``"neumann"``.
+        neumann_step: the Neumann series' step (finite, > 0).
+        ratio_clamp: ``None`` or ``(lo, hi)``, finite numbers with lo <= hi: r is clamped to
+            that interval on the device (``"iga"`` only).
         process_group: the ``torch.distributed`` group to average over when neither module is
             DDP-wrapped; default: the wrappers' group (they must agree), or none.
 
     Attributes:
-        last_ratio: r of the last call (0-d device tensor), or ``None`` before the first call.
+        last_ratio: r of the last call (0-d device tensor, after ``ratio_clamp``), or ``None``
+            before the first call or with another solver.
+        last_norms: ``(|df/dD|, |dF/dD|)`` of the last ``"iga"`` call, a (2,) device tensor in
+            the accumulation dtype (the global gradients under torch.distributed), else None.
+        last_residual: of the last ``"cg"`` call, CG's recursive residual
+            ``|dF/dD - (H_DD + damping I) v| / |dF/dD|``; of ``"neumann"``, the last series
+            term's norm relative to v's; a 0-d device tensor, else None.
 
     Raises:
-        TypeError: a non-module argument or a non-number eps.
+        TypeError: a non-module argument, a non-number eps, damping or neumann_step, a
+            non-int iters, a solver that is not a str.
         ValueError: a parameter shared by the two modules, a negative or non-finite eps, a module
-            without trainable parameters.
+            without trainable parameters, an unknown solver, iters < 1, a negative or
+            non-finite damping, a non-positive neumann_step, a bad ratio_clamp or one given to
+            another solver, discriminator parameters of two dtypes with ``"cg"``/``"neumann"``.
+        NotImplementedError: ``"cg"``/``"neumann"`` under torch.distributed.
     """
 
     def __init__(
         self, generator: nn.Module, discriminator: nn.Module, *, eps: float = 1e-12,
-        process_group=None,
+        solver: str = "iga", iters: int = 10, damping: float = 0.01, neumann_step: float = 0.01,
+        ratio_clamp: tuple[float, float] | None = None, process_group=None,
     ):
         self.generator = _grads.module("generator", generator)
         self.discriminator = _grads.module("discriminator", discriminator)
@@ -106,21 +145,45 @@ class BRC:
                                  discriminator=discriminator, generator=generator)
         self.process_group = self._sync.group
         self.eps = v.nonnegative("eps", eps)
+        self.solver = _solver(solver)
+        self.iters = v.integer("iters", iters, minimum=1)
+        self.damping = v.nonnegative("damping", damping)
+        self.neumann_step = v.positive("neumann_step", neumann_step)
+        self.ratio_clamp = _clamp(ratio_clamp, self.solver)
+        if self.solver != "iga":
+            if len({p.dtype for p in p_d}) > 1:
+                raise ValueError(
+                    f"solver={self.solver!r} needs the discriminator's trainable parameters in "
+                    f"one dtype, got {sorted(str(t) for t in {p.dtype for p in p_d})}"
+                )
+            if self.process_group is not None:
+                raise NotImplementedError(
+                    f"solver={self.solver!r} under torch.distributed is not implemented (each "
+                    f"Hessian-vector product would need its own all-reduce); use solver='iga'"
+                )
         self.last_ratio: Tensor | None = None
+        self.last_norms: Tensor | None = None
+        self.last_residual: Tensor | None = None
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(eps={self.eps})"
+        if self.solver == "iga":
+            clamp = "" if self.ratio_clamp is None else f", ratio_clamp={self.ratio_clamp}"
+            return f"{type(self).__name__}(eps={self.eps}{clamp})"
+        step = f", neumann_step={self.neumann_step}" if self.solver == "neumann" else ""
+        return (f"{type(self).__name__}(solver={self.solver!r}, iters={self.iters}, "
+                f"damping={self.damping}{step})")
 
     def backward(self, F: Tensor, f: Tensor) -> Tensor:
-        """Accumulate ``dF/dG - r * df/dG`` into the generator's ``.grad``; return r.
+        """Accumulate ``dF/dG - r * df/dG`` (``"iga"``) or ``dF/dG - H_GD v`` (``"cg"``,
+        ``"neumann"``) into the generator's ``.grad``; return r (``last_residual``).
 
         Args:
             F: the generator loss, one element, not yet backpropagated.
             f: the discriminator loss on the same, non-detached fake batch, one element.
 
         Returns:
-            r, a detached 0-d tensor on the parameters' device, float32 (float64 when a
-            discriminator parameter is float64).
+            ``"iga"``: r, a detached 0-d tensor on the parameters' device, float32 (float64 when
+            a discriminator parameter is float64); ``"cg"``/``"neumann"``: ``last_residual``.
 
         Raises:
             TypeError: a non-tensor or non-floating loss.
@@ -138,6 +201,8 @@ class BRC:
         n_d = len(p_d)
         params = p_d + p_g
 
+        if self.solver != "iga":
+            return self._implicit(F, f, p_d, p_g)
         retain = _grads.shares_graph(f, F)
         g_f = torch.autograd.grad(f, params, retain_graph=retain, allow_unused=True)
         gf_d, gf_g = g_f[:n_d], g_f[n_d:]
@@ -157,8 +222,13 @@ class BRC:
         if self.process_group is not None:
             return self._global(p_d, p_g, gf_d, gF_d, gf_g, gF_g)
         r = self._ratio(p_d, gf_d, gF_d)
+        self._accumulate(p_g, gF_g, gf_g, r, _grads.storage_counts(g_f, g_F))
+        self.last_ratio = r
+        return r
 
-        counts = _grads.storage_counts(g_f, g_F)
+    def _accumulate(self, p_g, gF_g, gf_g, r, counts) -> None:
+        """``.grad += gF - r * gf`` per generator parameter, as ``loss.backward()`` accumulates
+        (see the class docstring); ``counts``: the storages of this call's gradients."""
         add_to, add = [], []
         corrected: dict[torch.dtype, tuple[list, list]] = {}
         for p, gF, gf in zip(p_g, gF_g, gf_g):
@@ -190,8 +260,42 @@ class BRC:
             torch._foreach_add_(add_to, add)
         for dtype, (bufs, gfs) in corrected.items():
             iga_correction_(bufs, gfs, r.to(v.acc_dtype(dtype)))
-        self.last_ratio = r
-        return r
+
+    def _implicit(self, F: Tensor, f: Tensor, p_d, p_g) -> Tensor:
+        """The "cg" / "neumann" step (design §5.4); returns the solve's residual measure."""
+        n_d = len(p_d)
+        g_F = torch.autograd.grad(F, p_d + p_g, retain_graph=True, allow_unused=True)
+        gF_d, gF_g = g_F[:n_d], g_F[n_d:]
+        if all(g is None for g in gF_g):
+            raise ValueError("F does not depend on any trainable parameter of the generator")
+        gf_d = torch.autograd.grad(f, p_d, create_graph=True, allow_unused=True)
+        # Only gradients that depend on some parameter take part: the others have zero rows in
+        # H_DD and H_GD (see _implicit's docstring).
+        active = [i for i, g in enumerate(gf_d) if g is not None and g.requires_grad]
+        if not active:
+            raise ValueError("f's gradient with respect to the discriminator depends on no "
+                             "parameter: there is no best response to differentiate")
+        grads = [gf_d[i] for i in active]
+        params = [p_d[i] for i in active]
+        zeros: dict = {}
+        rhs = [(_grads.zeros(p_d[i], zeros) if gF_d[i] is None else gF_d[i]).detach().clone()
+               for i in active]
+        apply = _implicit.hvp_operator(grads, params, self.damping)
+        if self.solver == "cg":
+            sol, residual = _implicit.conjugate_gradient(apply, rhs, self.iters)
+        else:
+            sol, residual = _implicit.neumann(apply, rhs, self.iters, self.neumann_step)
+        h_gd = torch.autograd.grad(grads, p_g, grad_outputs=sol, allow_unused=True)
+        if all(g is None for g in h_gd):
+            raise ValueError(
+                "f's gradient with respect to the discriminator does not depend on the "
+                "generator: the discriminator loss must be computed on the fake batch G(z) "
+                "without .detach()"
+            )
+        one = torch.ones((), dtype=v.acc_dtype(p_g[0].dtype), device=p_g[0].device)
+        self._accumulate(p_g, gF_g, h_gd, one, _grads.storage_counts(g_F, h_gd))
+        self.last_residual = residual
+        return residual
 
     def _ratio(self, p_d, gf_d, gF_d) -> Tensor:
         """r over the discriminator parameters that either loss depends on."""
@@ -203,12 +307,13 @@ class BRC:
             a_s, b_s = groups.setdefault(p.dtype, ([], []))
             a_s.append(_grads.zeros(p, zeros) if a is None else a)
             b_s.append(_grads.zeros(p, zeros) if b is None else b)
-        if len(groups) == 1:
-            ((a_s, b_s),) = groups.values()
-            return iga_ratio(a_s, b_s, self.eps)
         acc = v.acc_dtype(*groups)
         dots = sum(multi_dot(a_s, b_s).to(acc) for a_s, b_s in groups.values())
-        return dots[2] / (dots[0] + self.eps)
+        self.last_norms = dots[:2].sqrt()
+        r = dots[2] / (dots[0] + self.eps)
+        if self.ratio_clamp is not None:
+            r = r.clamp(*self.ratio_clamp)
+        return r
 
     def _global(self, p_d, p_g, gf_d, gF_d, gf_g, gF_g) -> Tensor:
         """The distributed step: r from the rank-averaged df/dD and dF/dD (one flat all-reduce
@@ -256,3 +361,26 @@ class BRC:
             torch._foreach_add_(add_to, add)
         self.last_ratio = r
         return r
+
+
+def _solver(solver) -> str:
+    if not isinstance(solver, str):
+        raise TypeError(f"solver must be a str, one of {SOLVERS}, got {type(solver).__name__}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    return solver
+
+
+def _clamp(clamp, solver: str) -> tuple[float, float] | None:
+    if clamp is None:
+        return None
+    if solver != "iga":
+        raise ValueError(f"ratio_clamp bounds eq. 9's r: it applies to solver='iga' only, not "
+                         f"{solver!r}")
+    if not isinstance(clamp, (tuple, list)) or len(clamp) != 2:
+        raise ValueError(f"ratio_clamp must be None or a pair (lo, hi), got {clamp!r}")
+    lo = v.finite("ratio_clamp[0]", clamp[0])
+    hi = v.finite("ratio_clamp[1]", clamp[1])
+    if lo > hi:
+        raise ValueError(f"ratio_clamp must have lo <= hi, got ({lo}, {hi})")
+    return (lo, hi)
