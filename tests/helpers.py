@@ -1,4 +1,6 @@
-"""Shared test utilities: the one tolerance table, the backend/device cases, tensor makers."""
+"""Shared test utilities: the one tolerance table, the backend/device cases, tensor makers, the
+reference oracle on float64 copies, bit-level comparison, the hypothesis settings, and the
+bad-input table tests."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import nats_kernels as nk
 from nats_kernels import _dispatch
@@ -25,6 +28,13 @@ TOL = {
 
 # Sizes chosen to miss every power of two and vector width.
 AWKWARD = (1, 7, 59, 97, 1025)
+
+# The settings of the hypothesis property tests. The autouse fixtures (backend, threads) are
+# function scoped; they set the same environment variable and thread count for every example
+# hypothesis draws, so sharing them across examples is what we want.
+PROPERTY = settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def devices() -> list[str]:
@@ -75,6 +85,38 @@ def make(shape, dtype, device="cpu", *, seed=0, noncontiguous=False, scale=1.0):
     return buf[..., ::2] if shape else buf[0]
 
 
+def on_reference(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` served by the library's reference backend, whatever backend the
+    test itself runs under: the oracle of the tests that compare a kernel with the reference run
+    on float64 copies of the (already rounded) inputs."""
+    saved = os.environ.get(_dispatch.ENV_VAR)
+    os.environ[_dispatch.ENV_VAR] = "reference"
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if saved is None:
+            del os.environ[_dispatch.ENV_VAR]
+        else:
+            os.environ[_dispatch.ENV_VAR] = saved
+
+
+def cfg_oracle(x0, grads, weights, eta, scale):
+    """cfg_accumulate by the reference on float64 copies of its inputs."""
+    return on_reference(nk.cfg_accumulate, x0.double(), [g.double() for g in grads],
+                        weights.double(), eta=eta,
+                        scale=None if scale is None else scale.double())
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of a tensor (bit-identical comparison, NaN included)."""
+    width = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
+    return t.contiguous().view(width)
+
+
+def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(bits(x), bits(y))
+
+
 @contextlib.contextmanager
 def raises_before_dispatch(err, match=None):
     """``pytest.raises(err, match=match)`` for a rejection made by the input checks of a public
@@ -120,3 +162,17 @@ def assert_distinguishable(expected: torch.Tensor, other: torch.Tensor, dtype: t
             f"difference is {worst:.3g} x twice the tolerance (must exceed 1 somewhere); give "
             f"the term a larger weight, scale or eta"
         )
+
+
+def bad_inputs_test(table: dict, doc: str = ""):
+    """A test function over ``table`` (case id -> (call, error type, message regex)): each call
+    is rejected by the public function's input checks, before dispatch (so it runs once, not once
+    per backend). Bind it to a module-level ``test_*`` name for pytest to collect it there."""
+
+    @pytest.mark.parametrize("call,err,match", table.values(), ids=table.keys())
+    def test(call, err, match):
+        with raises_before_dispatch(err, match=match):
+            call()
+
+    test.__doc__ = doc or None
+    return test

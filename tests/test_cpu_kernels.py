@@ -1,6 +1,7 @@
 """The C++ CPU kernels (csrc/cpu): that they serve the ops, their determinism across runs and
-thread counts, aliasing and layouts the parametrized op suites do not reach, and sizes that
-cross the kernels' chunk (32768 elements) and block (2048 elements) boundaries.
+thread counts, layouts the parametrized op suites do not reach, sizes that cross the kernels'
+chunk (32768 elements) and block (2048 elements) boundaries, and the median's selection paths.
+Aliased and overlapping operands are tested on every backend in tests/test_aliasing.py.
 
 The oracle here is the library's reference run on float64 copies of the (already rounded)
 inputs; the per-dtype tolerance is the one table of tests/helpers.py.
@@ -12,13 +13,14 @@ import math
 
 import pytest
 import torch
-from helpers import DTYPES, assert_close, make
-from listops import tensor_list
+from helpers import DTYPES, assert_close, cfg_oracle, make, on_reference, same_bits
+from listops import doubles, tensor_list
 
 import nats_kernels as nk
 from nats_kernels import _dispatch
 from nats_kernels._compat import has_kernel
 from nats_kernels._dispatch import KERNEL_OPS
+from nats_kernels._validate import acc_dtype
 
 CPU_OPS = (
     "cfg_accumulate",
@@ -46,28 +48,6 @@ MANY_SHAPES = (
     + [(CHUNK - 1,), (3,), (CHUNK + 1,), (331, 499), (17, 31), (1,), (), (1025, 3)]
 )
 assert len(MANY_SHAPES) == 40 and sum(math.prod(s) for s in MANY_SHAPES) > 7 * CHUNK
-
-
-def on_backend(monkeypatch, backend, fn, *args, **kwargs):
-    monkeypatch.setenv("NATS_KERNELS_BACKEND", backend)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        monkeypatch.delenv("NATS_KERNELS_BACKEND")
-
-
-def doubles(ts):
-    return [t.double() for t in ts]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The bit pattern of a tensor (bit-identical comparison, NaN included)."""
-    width = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
-    return t.contiguous().view(width)
-
-
-def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
-    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(bits(x), bits(y))
 
 
 # ------------------------------------------------------------------------ the backend serves
@@ -122,12 +102,11 @@ def test_reductions_bit_identical_across_runs_and_thread_counts(dtype, monkeypat
         assert same_bits(x, y), f"result {k} differs between two runs"
         assert same_bits(x, z), f"result {k} differs between 2 threads and 1 thread"
     # And the values are right.
-    d64 = on_backend(monkeypatch, "reference", nk.multi_dot, doubles(a), doubles(b))
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    d64 = on_reference(nk.multi_dot, doubles(a), doubles(b))
+    acc = acc_dtype(dtype)
     assert_close(first[0], d64, acc, "multi_dot many tensors")
     assert_close(first[1], d64[2] / (d64[0] + 1e-12), acc, "iga_ratio many tensors")
-    ref = on_backend(monkeypatch, "reference", nk.aw_weights, d64, real.double(),
-                     fake.double())
+    ref = on_reference(nk.aw_weights, d64, real.double(), fake.double())
     assert int(first[4]) == int(ref[2])
     assert_close(first[2], ref[0], acc, "aw w_r")
     assert_close(first[3], ref[1], acc, "aw w_f")
@@ -143,13 +122,6 @@ def test_reductions_are_order_sensitive_enough_to_test():
 
 
 # --------------------------------------------------------------------------- cfg accumulate
-
-
-def _cfg_oracle(monkeypatch, x0, grads, weights, eta, scale):
-    g64 = [g.double() for g in grads]
-    return on_backend(monkeypatch, "reference", nk.cfg_accumulate, x0.double(), g64,
-                      weights.double(), eta=eta,
-                      scale=None if scale is None else scale.double())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -170,52 +142,8 @@ def test_cfg_list_noncontiguous_members(dtype, monkeypatch):
     weights = nk.annealed_weights(1.0, 0.01, M)
     scale = make((M, 6), torch.float32, seed=7).sigmoid()
     out = nk.cfg_accumulate(x0, grads, weights, eta=0.5, scale=scale)
-    assert_close(out, _cfg_oracle(monkeypatch, x0, grads, weights, 0.5, scale), dtype,
+    assert_close(out, cfg_oracle(x0, grads, weights, 0.5, scale), dtype,
                  "non-contiguous list")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cfg_list_members_are_views_of_one_buffer(dtype, monkeypatch):
-    monkeypatch.delenv("NATS_KERNELS_BACKEND", raising=False)
-    shape = (5, 97)
-    n = math.prod(shape)
-    flat = make((4 * n + 3,), dtype, seed=8)
-    grads = [flat[3 + m * n: 3 + (m + 1) * n].view(shape) for m in range(4)]
-    # Overlapping members: the same view twice and a view shifted by one element.
-    grads += [grads[1], flat[4: 4 + n].view(shape)]
-    before = flat.clone()
-    x0 = make(shape, dtype, seed=9)
-    weights = make((6,), torch.float64, seed=10)
-    out = nk.cfg_accumulate(x0, grads, weights, eta=-0.75)
-    assert_close(out, _cfg_oracle(monkeypatch, x0, grads, weights, -0.75, None), dtype,
-                 "views of one buffer")
-    assert same_bits(flat, before), "the gradient buffer was modified"
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("where", ["out-is-x0", "out-is-a-grad", "out-overlaps-x0",
-                                   "out-overlaps-a-grad"])
-def test_cfg_out_aliasing(dtype, where, monkeypatch):
-    """out may be x0 (or a gradient) itself; an out that partly overlaps an input still gets
-    the value computed from the inputs as they were before the call."""
-    monkeypatch.delenv("NATS_KERNELS_BACKEND", raising=False)
-    shape = (4, 3001)
-    n = math.prod(shape)
-    buf = make((2 * n + 5,), dtype, seed=11)
-    x0 = buf[:n].view(shape)
-    grads = [make(shape, dtype, seed=12), buf[n + 5:].view(shape), make(shape, dtype, seed=13)]
-    weights = torch.tensor([0.5, -1.25, 2.0])
-    scale = make((3, 4), torch.float32, seed=14)
-    expected = _cfg_oracle(monkeypatch, x0, grads, weights, 0.8, scale)
-    out = {
-        "out-is-x0": x0,
-        "out-is-a-grad": grads[1],
-        "out-overlaps-x0": buf[3:n + 3].view(shape),
-        "out-overlaps-a-grad": buf[n + 2:2 * n + 2].view(shape),
-    }[where]
-    result = nk.cfg_accumulate(x0, grads, weights, eta=0.8, scale=scale, out=out)
-    assert result is out
-    assert_close(out, expected, dtype, where)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -234,7 +162,7 @@ def test_cfg_rows_cross_chunks_and_blocks(dtype, layout, monkeypatch, threads):
         stacked = make((M, 3, 171, 233), dtype, seed=16).transpose(2, 3)
     weights = make((M,), torch.float32, seed=17)
     scale = make((M, 3), torch.float64, seed=18)
-    expected = _cfg_oracle(monkeypatch, x0, list(stacked), weights, 1.5, scale)
+    expected = cfg_oracle(x0, list(stacked), weights, 1.5, scale)
     assert_close(nk.cfg_accumulate(x0, stacked, weights, eta=1.5, scale=scale), expected,
                  dtype, "stacked")
     assert_close(nk.cfg_accumulate(x0, list(stacked), weights, eta=1.5, scale=scale), expected,
@@ -242,9 +170,8 @@ def test_cfg_rows_cross_chunks_and_blocks(dtype, layout, monkeypatch, threads):
     x = x0.clone() if layout == "contiguous" else x0.clone().transpose(1, 2).contiguous() \
         .transpose(1, 2)
     nk.cfg_step_(x, stacked[1], weights[1], eta=1.5, scale=scale[1])
-    step = on_backend(monkeypatch, "reference", nk.cfg_step_, x0.double().clone(),
-                      stacked[1].double(), weights[1].double(), eta=1.5,
-                      scale=scale[1].double())
+    step = on_reference(nk.cfg_step_, x0.double().clone(), stacked[1].double(),
+                        weights[1].double(), eta=1.5, scale=scale[1].double())
     assert_close(x, step, dtype, "cfg_step_")
 
 
@@ -254,34 +181,7 @@ def test_cfg_empty_batch_with_scale():
     assert out.shape == (0, 5)
 
 
-# ---------------------------------------------------------------- list ops: aliasing, chunks
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_list_ops_cross_position_aliasing(dtype, monkeypatch):
-    """out[p] aliasing an input at another position (and partly overlapping ones): the result is
-    the reference's, computed from the inputs as they were before the call."""
-    monkeypatch.delenv("NATS_KERNELS_BACKEND", raising=False)
-    shapes = [(CHUNK + 5,), (CHUNK + 5,), (7, 9)]
-    flat = make((2 * (CHUNK + 5) + 1,), dtype, seed=20)
-    g_r = [flat[:CHUNK + 5], flat[CHUNK + 6:], make((7, 9), dtype, seed=21)]
-    g_f = tensor_list(shapes, dtype, "cpu", seed=22, layout="mixed")
-    # out[0] is g_r[1]; out[1] is g_r[0] shifted by one element. (Outputs that overlap each
-    # other would be a write-write conflict: not supported, by any backend.)
-    out = [g_r[1], flat[1:CHUNK + 6], make((7, 9), dtype, seed=23)]
-    r64, f64 = doubles(g_r), doubles(g_f)
-    expected = [0.3 * r + -1.7 * f for r, f in zip(r64, f64)]
-    nk.aw_combine_(out, g_r, g_f, 0.3, -1.7)
-    for p in range(3):
-        assert_close(out[p], expected[p], dtype, f"aw_combine_ out[{p}]")
-
-    g = tensor_list(shapes, dtype, "cpu", seed=24, layout="contiguous")
-    gf = [g[1], g[0], make((7, 9), dtype, seed=25)]  # gf[0] is g[1], gf[1] is g[0]
-    g64, gf64 = doubles(g), doubles(gf)
-    expected = [x - 0.6 * y for x, y in zip(g64, gf64)]
-    nk.iga_correction_(g, gf, 0.6)
-    for p in range(3):
-        assert_close(g[p], expected[p], dtype, f"iga_correction_ g[{p}]")
+# ------------------------------------------------------------------------ list ops: chunks
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -314,8 +214,7 @@ def test_aw_weights_large_logits_match_reference(dtype, monkeypatch):
         for dots_dtype in DTYPES:
             dots = torch.tensor(d, dtype=dots_dtype)
             got = nk.aw_weights(dots, real, fake)
-            ref = on_backend(monkeypatch, "reference", nk.aw_weights, dots.double(),
-                             real.double(), fake.double())
+            ref = on_reference(nk.aw_weights, dots.double(), real.double(), fake.double())
             assert int(got[2]) == int(ref[2]) == 3 + (d[2] > 0)
             assert got[0].dtype == got[1].dtype == dots_dtype
             assert_close(got[0], ref[0], dots_dtype, "w_r")

@@ -15,6 +15,8 @@ from helpers import make
 import nats_kernels as nk
 from nats_kernels import _dispatch
 
+# The public ops, written out: the expectation the registry is checked against. All but
+# annealed_weights are hot-path ops that compiled backends may implement.
 OPS = (
     "annealed_weights",
     "cfg_accumulate",
@@ -37,6 +39,7 @@ def test_backends_report():
         assert isinstance(entry["reason"], str) and entry["reason"], name
     assert info["reference"]["available"]
     assert set(info["reference"]["ops"]) == set(OPS)
+    assert set(_dispatch.KERNEL_OPS) == set(OPS) - {"annealed_weights"}
     if not torch.cuda.is_available():
         assert not info["cuda"]["available"] and "CUDA" in info["cuda"]["reason"]
 

@@ -20,11 +20,12 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import DTYPES, TOL, assert_close, cases, make, raises_before_dispatch
-from hypothesis import HealthCheck, given, settings
+from helpers import DTYPES, PROPERTY, TOL, assert_close, cases, make, raises_before_dispatch
+from hypothesis import given
 from hypothesis import strategies as st
 
 import nats_kernels as nk
+from nats_kernels._validate import acc_dtype
 
 # Single-threaded by default (conftest: a 2-thread pool on a shared 2-core machine makes small ops
 # orders of magnitude slower); test_medium_n_counts runs under the full pool.
@@ -39,12 +40,6 @@ median = nk.median_pairwise_distance
 TINY_BUDGETS = (2000, 50_000)
 SIZES_N = (2, 3, 7, 59, 97)
 SIZES_D = (1, 3, 7, 59)
-
-# The conftest fixture that sets the backend is function scoped; it does not depend on the
-# examples hypothesis draws, so reusing it across examples is what we want.
-PROPERTY = settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,18 +71,15 @@ def oracle_batched(x, y=None, squared=False) -> torch.Tensor:
     )
 
 
-def work_dtype(dtype):
-    """design §3.1: distances are computed in float32 (float64 for float64 inputs)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def exact_expected(sq: torch.Tensor, dtype, squared: bool) -> torch.Tensor:
     """The result the op must return when the float64 oracle's squared median ``sq`` is exactly
     representable in the work dtype: rounded once to ``dtype`` (squared), or its correctly
-    rounded square root in the work dtype (numpy's IEEE sqrt), then rounded to ``dtype``."""
+    rounded square root in the work dtype (numpy's IEEE sqrt), then rounded to ``dtype``. The
+    work dtype is the accumulation dtype (design §3.1: distances are computed in float32,
+    float64 for float64 inputs)."""
     if squared:
         return sq.to(dtype)
-    root = torch.from_numpy(np.asarray(np.sqrt(sq.to(work_dtype(dtype)).cpu().numpy())))
+    root = torch.from_numpy(np.asarray(np.sqrt(sq.to(acc_dtype(dtype)).cpu().numpy())))
     return root.to(dtype)
 
 
@@ -103,6 +95,16 @@ def assert_matches(got, expected, squared: bool, what=""):
             got.cpu().double(), expected.cpu().double(), atol=0,
             rtol=torch.finfo(expected.dtype).eps, msg=lambda m: f"{what}: {m}",
         )
+
+
+def assert_exact_at_budgets(x, sq, dtype, budgets, what=""):
+    """The median of ``x`` at each memory budget, squared and not, is the exact result for the
+    oracle's squared median ``sq`` (``exact_expected``), judged by ``assert_matches``."""
+    for budget in budgets:
+        for squared in (False, True):
+            assert_matches(median(x, squared=squared, memory_budget=budget),
+                           exact_expected(sq, dtype, squared), squared,
+                           f"{what} budget={budget} squared={squared}")
 
 
 def lattice(k, d, r, dtype, device, seed, zeros=0):
@@ -245,15 +247,8 @@ def test_lattice_ties_are_exact(device, backend, k, d, r, dtype):
     """Integer points (N = 2k + 1, so odd and even pair counts): many equal distances, all
     exactly representable, so the result equals the oracle bit for bit, at every budget."""
     x = lattice(k, d, r, dtype, device, seed=k * d, zeros=1)
-    sq = oracle(x, squared=True)
-    for budget in (None, *TINY_BUDGETS):
-        for squared in (False, True):
-            assert_matches(
-                median(x, squared=squared, memory_budget=budget),
-                exact_expected(sq, dtype, squared),
-                squared,
-                f"k={k} d={d} budget={budget} squared={squared}",
-            )
+    assert_exact_at_budgets(x, oracle(x, squared=True), dtype, (None, *TINY_BUDGETS),
+                            f"k={k} d={d}")
 
 
 @backends
@@ -269,15 +264,7 @@ def test_duplicated_points(device, backend, dtype):
     # A few distinct points, each repeated: ties everywhere, the median is a repeated distance.
     idx = torch.randint(0, 3, (25,), generator=g)
     x = torch.cat([p[idx], -p[idx]]).to(dtype).to(device)
-    sq = oracle(x, squared=True)
-    for budget in (None, 2000):
-        for squared in (False, True):
-            assert_matches(
-                median(x, squared=squared, memory_budget=budget),
-                exact_expected(sq, dtype, squared),
-                squared,
-                f"repeated points budget={budget}",
-            )
+    assert_exact_at_budgets(x, oracle(x, squared=True), dtype, (None, 2000), "repeated points")
     # Cross: y repeats rows of x.
     y = torch.cat([p[idx[:7]], -p[idx[:7]]]).to(dtype).to(device)
     assert_exact(median(x, y, squared=True), exact_expected(oracle(x, y, True), dtype, True))

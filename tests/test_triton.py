@@ -1,8 +1,9 @@
 """The Triton kernels (nats_kernels/triton): the pieces the parametrized op suites do not reach --
 the multi-tensor plan (launches of up to SLOTS tensors, CHUNK-element programs, chunks of one
 tensor and tensors of one launch side by side), the layouts the kernels take natively and the
-contiguous-copy fallback, aliasing, the grouped passes of cfg_accumulate's list form,
-determinism, and the custom ops' opcheck on this backend.
+contiguous-copy fallback, which inputs ``safe_inputs`` copies, the grouped passes of
+cfg_accumulate's list form, determinism, and the custom ops' opcheck on this backend. Aliased and
+overlapping operands are tested on every backend in tests/test_aliasing.py.
 
 Runs where the triton backend runs: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (the
 default ``pytest`` run gets there through tests/test_triton_interpret.py, in a subprocess).
@@ -17,10 +18,11 @@ import os
 
 import pytest
 import torch
-from helpers import DTYPES, assert_close, make
-from listops import tensor_list
+from helpers import DTYPES, assert_close, cfg_oracle, make, on_reference, same_bits
+from listops import doubles, tensor_list
 
 import nats_kernels as nk
+from nats_kernels._validate import acc_dtype
 
 AVAILABLE = nk.backends()["triton"]["available"]
 pytestmark = pytest.mark.skipif(
@@ -43,31 +45,6 @@ DEVICES = (["cuda"] if torch.cuda.is_available() else []) + (
 @pytest.fixture(autouse=True)
 def _triton_backend(monkeypatch):
     monkeypatch.setenv("NATS_KERNELS_BACKEND", "triton")
-
-
-def reference(monkeypatch, fn, *args, **kwargs):
-    monkeypatch.setenv("NATS_KERNELS_BACKEND", "reference")
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        monkeypatch.setenv("NATS_KERNELS_BACKEND", "triton")
-
-
-def doubles(ts):
-    return [t.double() for t in ts]
-
-
-def acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    width = {8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()]
-    return t.contiguous().view(width)
-
-
-def same_bits(x, y) -> bool:
-    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(bits(x), bits(y))
 
 
 # 55 tensors: tiny, 0-d and empty ones, one spanning three chunks and a bit, one chunk-sized
@@ -128,15 +105,15 @@ def test_layout2d(make_views, expected):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_list_reductions_many_tensors(device, dtype, monkeypatch):
+def test_list_reductions_many_tensors(device, dtype):
     a = tensor_list(MANY, dtype, device, seed=1, layout="mixed", which=0)
     b = tensor_list(MANY, dtype, device, seed=2, layout="mixed", which=1)
     dots = nk.multi_dot(a, b)
-    d64 = reference(monkeypatch, nk.multi_dot, doubles(a), doubles(b))
-    assert dots.dtype == acc(dtype)
-    assert_close(dots, d64, acc(dtype), "multi_dot many tensors")
+    d64 = on_reference(nk.multi_dot, doubles(a), doubles(b))
+    assert dots.dtype == acc_dtype(dtype)
+    assert_close(dots, d64, acc_dtype(dtype), "multi_dot many tensors")
     r = nk.iga_ratio(a, b, eps=0.5)
-    assert_close(r, d64[2] / (d64[0] + 0.5), acc(dtype), "iga_ratio many tensors")
+    assert_close(r, d64[2] / (d64[0] + 0.5), acc_dtype(dtype), "iga_ratio many tensors")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -167,15 +144,14 @@ def test_float32_sums_are_order_sensitive_enough_to_test():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
-def test_aw_weights_logits_across_chunks(device, dtype, monkeypatch):
+def test_aw_weights_logits_across_chunks(device, dtype):
     real = (make((2 * CHUNK + 17,), dtype, device, seed=7) + 2.5).to(dtype)
     fake = make((2, 3 * CHUNK + 1), torch.float32, device, seed=8)[:, ::3]
     for d in ((2.7, 0.9, -0.8), (1.3, 0.45, 0.6)):
         for dots_dtype in (torch.float32, torch.float64):
             dots = torch.tensor(d, dtype=dots_dtype, device=device)
             got = nk.aw_weights(dots, real, fake)
-            ref = reference(monkeypatch, nk.aw_weights, dots.double(), real.double(),
-                            fake.double())
+            ref = on_reference(nk.aw_weights, dots.double(), real.double(), fake.double())
             assert int(got[2]) == int(ref[2]) == 3 + (d[2] > 0)
             assert_close(got[0], ref[0], dots_dtype, "w_r")
             assert_close(got[1], ref[1], dots_dtype, "w_f")
@@ -203,7 +179,7 @@ def test_list_combines_many_tensors(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layouts_beyond_2d_fall_back_to_contiguous_copies(device, dtype, monkeypatch):
+def test_layouts_beyond_2d_fall_back_to_contiguous_copies(device, dtype):
     """Views laid out in 3 dims and expanded inputs: read through contiguous copies; an output
     laid out so is computed contiguously and copied back; nothing outside the views is written."""
     shapes = [(3, 4, 5), (7,), (2, 3, 4)]
@@ -224,31 +200,8 @@ def test_layouts_beyond_2d_fall_back_to_contiguous_copies(device, dtype, monkeyp
         assert o.data_ptr() == ptrs[p]
         assert_close(o, e, dtype, f"out[{p}]")
     assert torch.equal(buf[..., 1::2], untouched), "wrote outside out[0]"
-    d64 = reference(monkeypatch, nk.multi_dot, doubles(g_r), doubles(g_f))
-    assert_close(nk.multi_dot(g_r, g_f), d64, acc(dtype), "multi_dot > 2-d")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_list_ops_cross_position_aliasing(device, dtype):
-    """out[p] aliasing an input at another position, or overlapping one shifted by an element:
-    the result is computed from the inputs as they were before the call (the reference's)."""
-    n = CHUNK + 5
-    flat = make((2 * n + 1,), dtype, device, seed=30)
-    g_r = [flat[:n], flat[n + 1:], make((7, 9), dtype, device, seed=31)]
-    g_f = tensor_list([(n,), (n,), (7, 9)], dtype, device, seed=32, layout="mixed")
-    out = [g_r[1], flat[1:n + 1], make((7, 9), dtype, device, seed=33)]
-    expected = [0.3 * r - 1.7 * f for r, f in zip(doubles(g_r), doubles(g_f))]
-    nk.aw_combine_(out, g_r, g_f, 0.3, -1.7)
-    for p in range(3):
-        assert_close(out[p], expected[p], dtype, f"aw_combine_ out[{p}]")
-
-    g = tensor_list([(n,), (n,), (7, 9)], dtype, device, seed=34, layout="contiguous")
-    gf = [g[1], g[0], make((7, 9), dtype, device, seed=35)]
-    expected = [x - 0.6 * y for x, y in zip(doubles(g), doubles(gf))]
-    nk.iga_correction_(g, gf, 0.6)
-    for p in range(3):
-        assert_close(g[p], expected[p], dtype, f"iga_correction_ g[{p}]")
+    d64 = on_reference(nk.multi_dot, doubles(g_r), doubles(g_f))
+    assert_close(nk.multi_dot(g_r, g_f), d64, acc_dtype(dtype), "multi_dot > 2-d")
 
 
 def test_safe_inputs_copies_only_hazards():
@@ -265,15 +218,9 @@ def test_safe_inputs_copies_only_hazards():
 # ---------------------------------------------------------------------------------- cfg
 
 
-def _cfg_oracle(monkeypatch, x0, grads, weights, eta, scale):
-    return reference(monkeypatch, nk.cfg_accumulate, x0.double(), [g.double() for g in grads],
-                     weights.double(), eta=eta,
-                     scale=None if scale is None else scale.double())
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_cfg_list_longer_than_one_launch(device, dtype, monkeypatch):
+def test_cfg_list_longer_than_one_launch(device, dtype):
     """M > MAX_LIST: passes through a float32/float64 scratch; the additions are the stacked
     kernel's, in the same order, so both forms give the same bits."""
     M = 2 * MAX_LIST + 3
@@ -282,7 +229,7 @@ def test_cfg_list_longer_than_one_launch(device, dtype, monkeypatch):
     weights = make((M,), torch.float64, device, seed=42)
     scale = make((M, 5), torch.float32, device, seed=43)
     listed = nk.cfg_accumulate(x0, list(stacked), weights, eta=0.7, scale=scale)
-    assert_close(listed, _cfg_oracle(monkeypatch, x0, stacked, weights, 0.7, scale), dtype,
+    assert_close(listed, cfg_oracle(x0, stacked, weights, 0.7, scale), dtype,
                  "list form, M > MAX_LIST")
     assert same_bits(listed, nk.cfg_accumulate(x0, stacked, weights, eta=0.7, scale=scale))
 
@@ -290,7 +237,7 @@ def test_cfg_list_longer_than_one_launch(device, dtype, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
-def test_cfg_rows_cross_blocks(device, dtype, layout, monkeypatch):
+def test_cfg_rows_cross_blocks(device, dtype, layout):
     """Samples of 1500 elements (rows straddle the 1024-element program blocks) with a
     per-sample scale; stacked and list forms and cfg_step_."""
     M, shape = 3, (3, 30, 50)
@@ -302,21 +249,21 @@ def test_cfg_rows_cross_blocks(device, dtype, layout, monkeypatch):
         stacked = make((M, 3, 50, 30), dtype, device, seed=45).transpose(2, 3)
     weights = make((M,), torch.float32, device, seed=46)
     scale = make((M, 3), torch.float64, device, seed=47)
-    expected = _cfg_oracle(monkeypatch, x0, list(stacked), weights, 1.5, scale)
+    expected = cfg_oracle(x0, list(stacked), weights, 1.5, scale)
     assert_close(nk.cfg_accumulate(x0, stacked, weights, eta=1.5, scale=scale), expected,
                  dtype, "stacked")
     assert_close(nk.cfg_accumulate(x0, list(stacked), weights, eta=1.5, scale=scale), expected,
                  dtype, "list")
     x = x0.clone()
     nk.cfg_step_(x, stacked[1], weights[1], eta=1.5, scale=scale[1])
-    step = reference(monkeypatch, nk.cfg_step_, x0.double().clone(), stacked[1].double(),
-                     weights[1].double(), eta=1.5, scale=scale[1].double())
+    step = on_reference(nk.cfg_step_, x0.double().clone(), stacked[1].double(),
+                        weights[1].double(), eta=1.5, scale=scale[1].double())
     assert_close(x, step, dtype, "cfg_step_")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cfg_layouts_beyond_2d(device, dtype, monkeypatch):
+def test_cfg_layouts_beyond_2d(device, dtype):
     """out, x0 and a gradient laid out in 3 dims, an expanded gradient: contiguous copies in, the
     result copied back into ``out``."""
     shape = (4, 6, 5)
@@ -330,34 +277,11 @@ def test_cfg_layouts_beyond_2d(device, dtype, monkeypatch):
     assert layout2d([out]) is None
     result = nk.cfg_accumulate(x0, grads, weights, eta=0.3, scale=scale, out=out)
     assert result is out
-    assert_close(out, _cfg_oracle(monkeypatch, x0, grads, weights, 0.3, scale), dtype, "3-d")
+    assert_close(out, cfg_oracle(x0, grads, weights, 0.3, scale), dtype, "3-d")
     x = x0.clone().transpose(0, 1).contiguous().transpose(0, 1)
     assert layout2d([x]) is None
     nk.cfg_step_(x, grads[0], 0.25, eta=2.0)
     assert_close(x, x0.double() + 0.5 * grads[0].double(), dtype, "cfg_step_ 3-d")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("where", ["out-is-x0", "out-is-a-grad", "out-overlaps-x0",
-                                   "out-overlaps-a-grad"])
-def test_cfg_out_aliasing(device, where, monkeypatch):
-    dtype = torch.float32
-    shape = (4, 301)
-    n = math.prod(shape)
-    buf = make((2 * n + 5,), dtype, device, seed=60)
-    x0 = buf[:n].view(shape)
-    grads = [make(shape, dtype, device, seed=61), buf[n + 5:].view(shape)]
-    weights = torch.tensor([0.5, -1.25], device=device)
-    scale = make((2, 4), torch.float32, device, seed=62)
-    expected = _cfg_oracle(monkeypatch, x0, grads, weights, 0.8, scale)
-    out = {
-        "out-is-x0": x0,
-        "out-is-a-grad": grads[1],
-        "out-overlaps-x0": buf[3:n + 3].view(shape),
-        "out-overlaps-a-grad": buf[n + 2:2 * n + 2].view(shape),
-    }[where]
-    assert nk.cfg_accumulate(x0, grads, weights, eta=0.8, scale=scale, out=out) is out
-    assert_close(out, expected, dtype, where)
 
 
 # ------------------------------------------------------------------------------ opcheck

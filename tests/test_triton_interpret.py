@@ -1,9 +1,10 @@
 """The Triton backend in the default ``pytest`` run, on a machine without a GPU.
 
-* ``test_triton_suites_under_the_interpreter``: the triton-parametrized tests of the op suites
-  and tests/test_triton.py, run in a subprocess with TRITON_INTERPRET=1 (Triton reads it when
-  the kernels are defined, so it cannot be switched on inside this process). It fails if the
-  subprocess fails, skips anything, or runs fewer tests than the suites hold today.
+* ``test_triton_suites_under_the_interpreter``: the triton-parametrized tests of the op and
+  scheme suites, tests/test_aliasing.py and tests/test_triton.py, run in a subprocess with
+  TRITON_INTERPRET=1 (Triton reads it when the kernels are defined, so it cannot be switched on
+  inside this process). It fails if the subprocess fails, skips anything, or runs fewer tests
+  than the suites hold today.
 * ``test_kernels_compile_for_a_gpu``: the GPU path the interpreter does not take -- Triton's
   compiler (typing of the tuple arguments and the slot-selection branches, the float64
   annotations, do_not_specialize) down to a cubin for sm_90 -- by calling every launcher with
@@ -26,10 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Tests the interpreted run must pass, per module (the counts of today's suites, slightly
 # rounded down so that adding a case never breaks this; removing many of them does).
-MINIMUM = {"test_cfg": 90, "test_aw": 470, "test_iga": 270, "test_triton": 45,
-           "test_median": 210, "test_triton_median": 20, "test_schemes_aw_brc": 65,
-           "test_schemes_nested_cfg": 10, "test_aw_rule_thresholds": 32,
-           "test_inplace_autograd": 20}
+MINIMUM = {"test_cfg": 90, "test_multi_dot": 105, "test_aw_weights": 195,
+           "test_aw_combine": 150, "test_aw_step": 12, "test_iga": 285,
+           "test_iga_on_tiny_gans": 18, "test_aliasing": 25, "test_triton": 40,
+           "test_median": 210, "test_triton_median": 20, "test_scheme_aw": 52,
+           "test_scheme_brc": 13, "test_schemes_nested_cfg": 10, "test_aw_rule_thresholds": 32,
+           "test_inplace_autograd": 20, "test_brc_solvers": 9}
 # Triton cases of test_median.py left to a GPU run: each needs hours (N = 20000, d = 3072) or
 # minutes (N = 12000 with recomputed tiles, the 1 MB-budget float64 count) of interpreted tiles.
 # test_triton_median.py covers their code paths (recomputed vs stored keys) on small shapes.
