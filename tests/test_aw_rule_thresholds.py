@@ -14,31 +14,15 @@ import functools
 
 import pytest
 import torch
+from awrule import oracle_rule
 from helpers import DTYPES, TOL, cases
 
 import nats_kernels as nk
 
-ALPHA1, ALPHA2, DELTA, EPS = 0.5, 0.75, 0.05, 0.05
-NORM_EPS = 1e-4
+ALPHA1, ALPHA2, DELTA = 0.5, 0.75, 0.05  # the rule's defaults (awrule.oracle_rule)
 # How far from a threshold a sigmoid mean is put: far beyond float32 rounding (~1e-7), within
 # half a float16 step at 0.5 (1.2e-4) and at 0.75 (2.4e-4).
 NEAR = (2e-6, 6e-5)
-
-
-def rule64(rr, ff, rf, s_r, s_f, normalized):
-    """design §4's table in float64 Python arithmetic: (w_r, w_f, case)."""
-    rr, ff = rr + NORM_EPS, ff + NORM_EPS
-    inv_r, inv_f = (rr**-0.5, ff**-0.5) if normalized else (1.0, 1.0)
-    weak = s_r < ALPHA1 or s_r < s_f - DELTA
-    strong = s_r > ALPHA2 and s_r > s_f - DELTA
-    aligned = not rf <= 0
-    if weak:
-        w_r, w_f, case = inv_r, (0.0 if aligned else -rf / ff * inv_r), (2 if aligned else 1)
-    elif strong:
-        w_r, w_f, case = (0.0 if aligned else -rf / rr * inv_f), inv_f, (4 if aligned else 3)
-    else:
-        w_r, w_f, case = inv_r, inv_f, 5
-    return w_r + EPS, w_f + EPS, case
 
 
 @functools.cache
@@ -120,7 +104,7 @@ def test_rule_at_threshold(device, backend, dtype, scenario):
             dots = torch.tensor([rr, ff, rf], dtype=dtype, device=device)
             w_r, w_f, case = nk.aw_weights(dots, real.to(dtype).to(device),
                                            fake.to(dtype).to(device), normalized=normalized)
-            e_r, e_f, e_case = rule64(rr, ff, rf, s_r, s_f, normalized)
+            e_r, e_f, e_case = oracle_rule([rr, ff, rf], s_r, s_f, normalized)
             what = f"{scenario[0]} rf={rf} normalized={normalized}"
             assert int(case) == e_case, f"{what} [{dtype}]: case {int(case)}, expected {e_case}"
             assert w_r.dtype == dtype and w_f.dtype == dtype

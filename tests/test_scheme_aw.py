@@ -12,10 +12,10 @@ argument checking, of the test networks themselves and of the meta device run on
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
+from awrule import oracle_rule
 from helpers import assert_close, cases
 from schemenets import (
     F64,
@@ -38,7 +38,6 @@ from nats_kernels.schemes import AWLoss
 
 pytestmark = pytest.mark.single_thread
 
-NORM_EPS = 1e-4  # design §4: added to both squared norms
 
 on_aw_backends = pytest.mark.parametrize("device,backend",
                                          cases("multi_dot", "aw_weights", "aw_combine_"))
@@ -55,21 +54,6 @@ LOSSES = {"hinge": hinge, "bce": bce, "lsgan": lsgan}
 
 
 # ------------------------------------------------------------------------- aw-loss oracle
-
-
-def oracle_rule(rr, ff, rf, s_r, s_f, normalized, alpha1=0.5, alpha2=0.75, delta=0.05, eps=0.05):
-    """design §4's table in plain Python. rr and ff already include the 1e-4."""
-    r_norm, f_norm = math.sqrt(rr), math.sqrt(ff)
-    inv_r, inv_f = (1 / r_norm, 1 / f_norm) if normalized else (1.0, 1.0)
-    if s_r < alpha1 or s_r < s_f - delta:
-        if rf <= 0:
-            return inv_r + eps, -rf / ff * inv_r + eps, 1
-        return inv_r + eps, eps, 2
-    if s_r > alpha2 and s_r > s_f - delta:
-        if rf <= 0:
-            return -rf / rr * inv_f + eps, inv_f + eps, 3
-        return eps, inv_f + eps, 4
-    return inv_r + eps, inv_f + eps, 5
 
 
 def official_aw(D, loss_real, loss_fake, real_logits, fake_logits, normalized=True, **hyper):
@@ -92,12 +76,12 @@ def official_aw(D, loss_real, loss_fake, real_logits, fake_logits, normalized=Tr
     zf = {i: torch.zeros_like(params[i]) if grad_fake[i] is None else grad_fake[i] for i in used}
     real_list = torch.cat([zr[i].double().reshape(-1) for i in used])
     fake_list = torch.cat([zf[i].double().reshape(-1) for i in used])
-    rr = torch.dot(real_list, real_list).item() + NORM_EPS
-    ff = torch.dot(fake_list, fake_list).item() + NORM_EPS
+    rr = torch.dot(real_list, real_list).item()
+    ff = torch.dot(fake_list, fake_list).item()
     rf = torch.dot(real_list, fake_list).item()
     s_r = torch.mean(torch.sigmoid(real_logits.double())).item()
     s_f = torch.mean(torch.sigmoid(fake_logits.double())).item()
-    w_r, w_f, case = oracle_rule(rr, ff, rf, s_r, s_f, normalized, **hyper)
+    w_r, w_f, case = oracle_rule([rr, ff, rf], s_r, s_f, normalized, **hyper)
     for i in used:
         params[i].grad = (w_r * zr[i].double() + w_f * zf[i].double()).to(params[i].dtype)
     return w_r * loss_real.item() + w_f * loss_fake.item(), w_r, w_f, case
