@@ -8,10 +8,11 @@ every backend reads inputs as they were before the call".
 - inputs overlapping an output: the very same view at another position, a view shifted by one
   element, gradients that are overlapping views of one buffer.
 
-Each kernel backend has its own path for these calls (csrc/cpu/nk_cpu_utils.h's overlap tests,
-which the CUDA binding reuses; triton's ``_common.safe_inputs``), so each test runs on all of
-them. The overlapping tensors span more than one chunk of every backend (CPU and CUDA kChunk
-32768 elements, triton CHUNK 8192), so an overlap crosses the kernels' unit of parallel work.
+Each kernel backend has its own path for these calls (csrc/include/nk/overlap.h's overlap
+tests, shared by the CPU kernels and the CUDA binding; triton's ``_common.safe_inputs``), so
+each test runs on all of them. The overlapping tensors span more than one chunk of every
+backend (CPU and CUDA kChunk 32768 elements, triton CHUNK 8192), so an overlap crosses the
+kernels' unit of parallel work.
 The oracle is the reference on float64 copies of the inputs taken before the call, or the
 float64 expression, judged with the one tolerance table of tests/helpers.py. Written tensors
 that share an element are refused before any backend runs (tests/test_inplace_autograd.py).

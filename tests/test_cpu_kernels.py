@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"C++ extension not available: {nk.backends()['cpu']['reason']}",
 )
 
-CHUNK = 32768  # csrc/cpu/nk_cpu_utils.h kChunk
+CHUNK = 32768  # csrc/include/nk/chunk.h kChunk
 
 # 40 tensors: tiny ones, 0-d and empty ones, chunk-straddling ones and one tensor spanning
 # several chunks (5 * 32768 + 1221 elements).

@@ -6,7 +6,7 @@
   weight and eta, and cfg_accumulate) are captured in a CUDA graph and replayed on new values,
   matching eager calls;
 - ``torch.compile(fullgraph=True)`` of a function calling the cfg, iga and median ops on CUDA
-  tensors (test_aw.py / test_iga.py hold the aw and iga step compile tests; they are
+  tensors (test_aw_step.py / test_iga.py hold the aw and iga step compile tests; they are
   parametrized over these same backends).
 
 Not collected without a CUDA device (tests/conftest.py); ``.ci/gpu_check`` runs it.

@@ -14,6 +14,7 @@
 #include <optional>
 #include <vector>
 
+#include "nk/overlap.h"
 #include "nk_cpu_utils.h"
 
 namespace nk_cpu {
@@ -128,8 +129,8 @@ void cfg_dispatch(const at::Tensor& x0, const std::vector<at::Tensor>& grads,
                   const at::Tensor& out) {
   const int64_t M = static_cast<int64_t>(grads.size());
   const int64_t B = scale.has_value() ? x0.size(0) : 1;
-  bool hazard = overlap_hazard(out, x0);
-  for (const auto& g : grads) hazard = hazard || overlap_hazard(out, g);
+  bool hazard = nk::overlap_hazard(out, x0);
+  for (const auto& g : grads) hazard = hazard || nk::overlap_hazard(out, g);
   at::Tensor target = hazard ? at::empty_like(out, at::MemoryFormat::Contiguous) : out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "cfg_cpu", [&] {
     auto coef = coefficients<acc_t<scalar_t>>(weights, eta, scale, M, B);

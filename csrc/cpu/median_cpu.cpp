@@ -47,21 +47,21 @@
 #include <limits>
 #include <vector>
 
+#include "nk/median_plan.h"
+
 namespace nk_cpu {
 namespace {
 
+// The sample, the window, the direct/GEMM threshold and the scaling are nk/median_plan.h, shared
+// with the CUDA kernels. The tuning below is the CPU's own.
 constexpr int64_t kTileMax = 512;     // side of a distance tile (fixed: recomputation repeats it)
 // Problems with at most kKeepAll pairs keep all their keys (when they fit the budget); larger
-// ones sample n_pairs / kSampleDivisor pairs (clamped to [kSampleMin, kSampleMax]) to place the
-// window. A sampled pair costs about as much as ~30 pairs of a tile (a gathered row pair against
-// a GEMM), so the sample is ~6% of the pass.
+// ones sample pairs to place the window. Tuned per backend (CUDA: 2^22): where keeping every key
+// stops paying depends on how keys are kept and selected (growing vectors and std::nth_element
+// here, a preallocated buffer and radix passes on CUDA).
 constexpr int64_t kKeepAll = int64_t{1} << 18;
-constexpr int64_t kSampleDivisor = 512;
-constexpr int64_t kSampleMin = 8192;
-constexpr int64_t kSampleMax = int64_t{1} << 20;
-// Up to this many features, distances are summed directly from differences (exact for data
-// whose differences and squares are exact, and faster than a GEMM whose inner dimension is tiny).
-constexpr int64_t kDirectMaxD = 16;
+// Radix digit width: 65536 int64 bins per thread (2 passes for float32 keys, 4 for float64);
+// CUDA's 11 bits fit a block's shared memory instead.
 constexpr int kDigitBits = 16;
 constexpr int64_t kBins = int64_t{1} << kDigitBits;
 
@@ -165,11 +165,9 @@ struct alignas(64) WindowState {
   int64_t inside = 0;
 };
 
+// The next output of the splitmix64 sequence whose state is `state` (nk/median_plan.h).
 inline uint64_t splitmix64(uint64_t& state) {
-  uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
+  return nk::splitmix64_mix(state += nk::kSplitmixGamma);
 }
 
 // The keys of `count` pairs drawn uniformly (with replacement) from the problem's pairs by a
@@ -181,7 +179,7 @@ template <typename T>
 std::vector<typename KeyOf<T>::type> sample_keys(const Problem<T>& P, int64_t count) {
   using K = typename KeyOf<T>::type;
   std::vector<int64_t> pi(count), pj(count);
-  uint64_t state = 0x6e6b5f6d65646961ULL;  // fixed seed: the sample depends on shapes only
+  uint64_t state = nk::kSampleSeed;  // fixed seed: the sample depends on shapes only
   const uint64_t n = static_cast<uint64_t>(P.n), m = static_cast<uint64_t>(P.m);
   for (int64_t s = 0; s < count; ++s) {
     uint64_t i, j;
@@ -346,12 +344,10 @@ T median_one(const at::Tensor& x, const c10::optional<at::Tensor>& y, bool squar
     if (!std::isfinite(ba) || !std::isfinite(bb)) return std::numeric_limits<T>::quiet_NaN();
     big = std::max(ba, bb);
   }
-  int e = 0;
-  std::frexp(big, &e);
-  const int bound = std::is_same<T, double>::value ? 768 : 96;
-  e = std::clamp(e, -bound, bound);
-  const T down = static_cast<T>(std::ldexp(1.0, -e));
-  const T up = static_cast<T>(std::ldexp(1.0, e));
+  // big is a value of T (the largest |coordinate| of a T tensor), so the cast is exact.
+  const int e = nk::scale_exponent<T>(static_cast<T>(big));
+  const T down = nk::pow2(T(0), -e);
+  const T up = nk::pow2(T(0), e);
   a = a * down;  // a new tensor even when x already has the work dtype
   if (P.pairwise) {
     a -= a.mean(0, true);
@@ -365,7 +361,7 @@ T median_one(const at::Tensor& x, const c10::optional<at::Tensor>& y, bool squar
   P.a = a.contiguous();
   P.b = b.contiguous();
   P.d = d;
-  P.direct = d <= kDirectMaxD;
+  P.direct = d <= nk::kDirectMaxD;
   if (P.direct) {
     P.b_t = P.b.t().contiguous();
   } else {
@@ -373,8 +369,8 @@ T median_one(const at::Tensor& x, const c10::optional<at::Tensor>& y, bool squar
     P.norm_b = P.pairwise ? P.norm_a : (P.b * P.b).sum(-1).contiguous();
   }
 
-  const int64_t n_pairs = P.pairwise ? P.n * (P.n - 1) / 2 : P.n * P.m;
-  const int64_t k = (n_pairs - 1) / 2;
+  const int64_t n_pairs = nk::pair_count(P.pairwise, P.n, P.m);
+  const int64_t k = nk::median_rank(n_pairs);
   // Each thread holds one tile: a tile gets 1/64 of the budget, so that up to 16 threads' tiles
   // take a quarter of it. The side depends on the budget only, never on the thread count, so
   // tiles (and results) are the same whatever torch.set_num_threads says.
@@ -382,6 +378,8 @@ T median_one(const at::Tensor& x, const c10::optional<at::Tensor>& y, bool squar
   int64_t side = 1;
   while ((side + 1) * (side + 1) <= tile_budget && side < kTileMax) ++side;
   P.tile = std::min(side, std::max(P.n, P.m));
+  // Kept keys may take a quarter of the budget (CUDA: half): with vector growth and the final
+  // gather they take up to three times that.
   const int64_t capacity = memory_budget / 4 / static_cast<int64_t>(sizeof(K));
 
   K key = 0;
@@ -389,29 +387,23 @@ T median_one(const at::Tensor& x, const c10::optional<at::Tensor>& y, bool squar
   if (n_pairs <= std::min(capacity, kKeepAll)) {  // small: keep every key
     found = window_select<T>(P, k, K(0), static_cast<K>(~K(0)), capacity, &key);
   } else {
-    // Sample ranks: rank k sits at fraction p of the pairs; the sample's p-quantile is off by
-    // about sd = sqrt(p(1-p)/S) of the ranks, so the window spans +-(6 sd + 2/S) around it.
-    const int64_t S = std::clamp<int64_t>(n_pairs / kSampleDivisor, kSampleMin, kSampleMax);
-    std::vector<K> s = sample_keys<T>(P, S);
-    const double p = static_cast<double>(k) / static_cast<double>(n_pairs - 1);
-    const double margin = 6.0 * std::sqrt(std::max(p * (1 - p), 1e-3) / S) + 2.0 / S;
-    const double lo_pos = std::floor((p - margin) * static_cast<double>(S - 1));
-    const double hi_pos = std::ceil((p + margin) * static_cast<double>(S - 1));
+    // The window: sample ranks around rank k's quantile (nk::median_window).
+    const nk::MedianWindow w = nk::median_window(n_pairs, k, capacity);
+    std::vector<K> s = sample_keys<T>(P, w.samples);
     K lo = 0, hi = static_cast<K>(~K(0));
-    if (lo_pos > 0) {
-      auto it = s.begin() + static_cast<int64_t>(lo_pos);
+    if (w.lo_rank >= 0) {
+      auto it = s.begin() + w.lo_rank;
       std::nth_element(s.begin(), it, s.end());
       lo = *it;
     }
-    if (hi_pos < static_cast<double>(S - 1)) {
-      auto it = s.begin() + static_cast<int64_t>(hi_pos);
+    if (w.hi_rank >= 0) {
+      auto it = s.begin() + w.hi_rank;
       std::nth_element(s.begin(), it, s.end());
       hi = *it;
     }
     std::vector<K>().swap(s);
     // A window that cannot fit (expected keys beyond the capacity) is not tried.
-    if (2.0 * margin * static_cast<double>(n_pairs) <= 0.5 * static_cast<double>(capacity))
-      found = window_select<T>(P, k, lo, hi, capacity, &key);
+    if (w.fits) found = window_select<T>(P, k, lo, hi, capacity, &key);
   }
   if (!found) key = radix_select<T>(P, k);
   ++g_path_counts[found ? 0 : 1];

@@ -15,6 +15,7 @@
 #include <array>
 #include <vector>
 
+#include "nk/overlap.h"
 #include "nk_cpu_utils.h"
 
 namespace nk_cpu {
@@ -91,8 +92,8 @@ inline at::ScalarType reduce_dtype(at::ScalarType t) {
 // of an input with an output gets a private copy of that input first.
 inline void combine_lists(at::TensorList out, at::TensorList a_in, at::TensorList b_in,
                           double wa_value, double wb_value) {
-  const std::vector<at::Tensor> a = safe_inputs(out, a_in);
-  const std::vector<at::Tensor> b = safe_inputs(out, b_in);
+  const std::vector<at::Tensor> a = nk::safe_inputs(out, a_in);
+  const std::vector<at::Tensor> b = nk::safe_inputs(out, b_in);
   const ListPlan plan = make_plan({out, a, b});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out[0].scalar_type(), "combine", [&] {
     using A = acc_t<scalar_t>;

@@ -1,5 +1,6 @@
-// Shared machinery of the C++ CPU kernels: strided iteration over tensors that share one shape,
-// fixed-size chunking of a list of tensors, and the memory-overlap test of in-place kernels.
+// Shared machinery of the C++ CPU kernels: strided iteration over tensors that share one shape
+// and fixed-size chunking of a list of tensors (kChunk, nk/chunk.h). The memory-overlap tests of
+// the in-place kernels are nk/overlap.h, shared with the CUDA binding.
 //
 // Determinism: every chunk boundary and every iteration order below depends only on the tensors'
 // shapes and strides, never on the number of threads or on their timing. Reductions store one
@@ -14,13 +15,13 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <unordered_map>
 #include <vector>
+
+#include "nk/chunk.h"
 
 namespace nk_cpu {
 
-// Elements per chunk of the multi-tensor kernels (fixed: chunking must not depend on threads).
-constexpr int64_t kChunk = 32768;
+using nk::kChunk;
 
 // One shape shared by `nops` operands, each with its own strides (in elements), after dropping
 // size-1 dims and merging dims that are contiguous with their inner neighbour in every operand.
@@ -188,93 +189,6 @@ inline void parallel_chunks(int64_t nchunks, F&& body) {
   at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) body(c);
   });
-}
-
-// Byte range [lo, hi) spanned by a tensor's elements.
-inline void byte_span(const at::Tensor& t, uintptr_t& lo, uintptr_t& hi) {
-  auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
-  int64_t neg = 0, pos = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    const int64_t ext = (t.size(d) - 1) * t.stride(d);
-    (ext < 0 ? neg : pos) += ext;
-  }
-  const int64_t item = t.element_size();
-  lo = base + neg * item;
-  hi = base + (pos + 1) * item;
-}
-
-// True when writing `out` element by element while reading `in` at the same logical index
-// could read a value already overwritten: the memory overlaps and the two are not the very same
-// view (same address, same strides), which is the one harmless overlap of an elementwise kernel.
-inline bool overlap_hazard(const at::Tensor& out, const at::Tensor& in) {
-  if (out.numel() == 0 || in.numel() == 0) return false;
-  if (!out.storage().is_alias_of(in.storage())) return false;
-  if (out.data_ptr() == in.data_ptr() && out.sizes() == in.sizes() &&
-      out.strides() == in.strides()) {
-    return false;
-  }
-  uintptr_t olo, ohi, ilo, ihi;
-  byte_span(out, olo, ohi);
-  byte_span(in, ilo, ihi);
-  return olo < ihi && ilo < ohi;
-}
-
-// Positions q of `in` whose memory an in-place list kernel writing `out` could overwrite before
-// reading it: any overlap with out[p], p != q, or a non-identical overlap with out[q]. Callers
-// give those inputs a private copy first (rare: aliasing other than out[p] is in[p] itself).
-inline std::vector<bool> list_hazards(at::TensorList out, at::TensorList in) {
-  struct Span {
-    uintptr_t lo, hi;
-    size_t p;
-  };
-  std::unordered_map<const void*, std::vector<Span>> by_storage;
-  for (size_t p = 0; p < out.size(); ++p) {
-    if (out[p].numel() == 0) continue;
-    Span s{0, 0, p};
-    byte_span(out[p], s.lo, s.hi);
-    by_storage[out[p].storage().data()].push_back(s);
-  }
-  // Per storage: spans sorted by lo, with the running maximum of hi for an early stop.
-  std::unordered_map<const void*, std::vector<uintptr_t>> max_hi;
-  for (auto& kv : by_storage) {
-    auto& v = kv.second;
-    std::sort(v.begin(), v.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
-    auto& m = max_hi[kv.first];
-    m.resize(v.size());
-    uintptr_t run = 0;
-    for (size_t k = 0; k < v.size(); ++k) m[k] = run = std::max(run, v[k].hi);
-  }
-  std::vector<bool> hazard(in.size(), false);
-  for (size_t q = 0; q < in.size(); ++q) {
-    if (in[q].numel() == 0) continue;
-    auto it = by_storage.find(in[q].storage().data());
-    if (it == by_storage.end()) continue;
-    const auto& v = it->second;
-    const auto& m = max_hi[it->first];
-    uintptr_t lo, hi;
-    byte_span(in[q], lo, hi);
-    // Spans with s.lo < hi, walked down while some earlier span may still reach past lo.
-    size_t k = std::lower_bound(v.begin(), v.end(), hi,
-                                [](const Span& s, uintptr_t x) { return s.lo < x; }) -
-               v.begin();
-    while (k > 0 && m[k - 1] > lo && !hazard[q]) {
-      --k;
-      const Span& s = v[k];
-      if (s.hi <= lo) continue;
-      hazard[q] = s.p != q || overlap_hazard(out[s.p], in[q]);
-    }
-  }
-  return hazard;
-}
-
-// `in` with a private copy of each input that list_hazards flags.
-inline std::vector<at::Tensor> safe_inputs(at::TensorList out, at::TensorList in) {
-  std::vector<at::Tensor> res = in.vec();
-  const auto hazard = list_hazards(out, in);
-  for (size_t q = 0; q < res.size(); ++q) {
-    if (hazard[q]) res[q] = res[q].clone();
-  }
-  return res;
 }
 
 // float32 math for float16/bfloat16/float32, float64 for float64 (design §9.1).

@@ -1,10 +1,10 @@
 // Launchers of the CUDA kernels (design §1, §3, §4, §5) on raw device pointers and a cudaStream_t.
 //
 // Plain C++ with no torch include: the .cu files compile with nvcc alone (.ci/nvcc_check), and
-// nats_kernels_cuda.cpp is the only file that knows about at::Tensor. That binding hands the
+// only the binding (*_binding.cpp, binding_layout.h) knows about at::Tensor. It hands the
 // launchers what they assume:
 //   * every data pointer addresses `numel` elements laid out densely in memory (the binding makes
-//     strided tensors so, see nats_kernels_cuda.cpp); all operands of one position share that
+//     strided tensors so, see binding_layout.h); all operands of one position share that
 //     layout, so element k of one is element k of the others;
 //   * small per-step scalars (weights, scale, w_r, w_f, r) already in the math type (Acc below);
 //   * workspaces of the sizes the *_chunks helpers give, allocated on the stream's device.
@@ -16,16 +16,17 @@
 
 #include <cstdint>
 
+#include "nk/chunk.h"
+
 namespace nk_cuda {
 
 // Element type of the tensors. The math type (Acc) is float for kHalf/kBFloat16/kFloat and
 // double for kDouble; the reductions accumulate in double throughout, as the CPU kernels do.
 enum class DType : int { kHalf, kBFloat16, kFloat, kDouble };
 
-// Elements per chunk of the multi-tensor kernels: each tensor of a list is cut into chunks of
-// kChunk elements (the last one shorter), one thread block per chunk. Fixed, so every partial
-// sum covers the same elements on every run and every GPU.
-constexpr int64_t kChunk = 32768;
+// Elements per chunk of the multi-tensor kernels (nk/chunk.h): each tensor of a list is cut into
+// chunks of kChunk elements (the last one shorter), one thread block per chunk.
+using nk::kChunk;
 
 // Chunks of a list whose positions hold numel[0..P-1] elements (empty tensors have none): the
 // reductions need a double workspace of 3 * list_chunks(...) (multi_dot, iga_ratio).

@@ -123,24 +123,19 @@ inline unsigned int grid_for(int64_t work) {
 }  // namespace nk_cuda
 
 // Runs the statement list that follows with `scalar_t` bound to the element type of `dtype`.
-#define NK_DISPATCH_DTYPE(dtype, ...)                  \
-  switch (dtype) {                                     \
-    case ::nk_cuda::DType::kHalf: {                    \
-      using scalar_t = __half;                         \
-      __VA_ARGS__;                                     \
-    } break;                                           \
-    case ::nk_cuda::DType::kBFloat16: {                \
-      using scalar_t = __nv_bfloat16;                  \
-      __VA_ARGS__;                                     \
-    } break;                                           \
-    case ::nk_cuda::DType::kFloat: {                   \
-      using scalar_t = float;                          \
-      __VA_ARGS__;                                     \
-    } break;                                           \
-    case ::nk_cuda::DType::kDouble: {                  \
-      using scalar_t = double;                         \
-      __VA_ARGS__;                                     \
-    } break;                                           \
-    default:                                           \
-      return cudaErrorInvalidValue;                    \
+#define NK_DISPATCH_DTYPE(dtype, ...)                                       \
+  switch (dtype) {                                                          \
+    NK_DTYPE_CASE(::nk_cuda::DType::kHalf, __half, __VA_ARGS__)             \
+    NK_DTYPE_CASE(::nk_cuda::DType::kBFloat16, __nv_bfloat16, __VA_ARGS__)  \
+    NK_DTYPE_CASE(::nk_cuda::DType::kFloat, float, __VA_ARGS__)             \
+    NK_DTYPE_CASE(::nk_cuda::DType::kDouble, double, __VA_ARGS__)           \
+    default:                                                                \
+      return cudaErrorInvalidValue;                                         \
   }
+
+// One case of NK_DISPATCH_DTYPE.
+#define NK_DTYPE_CASE(tag, type, ...) \
+  case tag: {                         \
+    using scalar_t = type;            \
+    __VA_ARGS__;                      \
+  } break;

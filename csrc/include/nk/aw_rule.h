@@ -11,11 +11,7 @@
 
 #include <math.h>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define NK_HOST_DEVICE __host__ __device__
-#else
-#define NK_HOST_DEVICE
-#endif
+#include "nk/host_device.h"
 
 namespace nk {
 
