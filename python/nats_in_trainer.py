@@ -1,6 +1,7 @@
 """NATS (nested annealed training scheme) dropped into a plain alternating GAN loop.
 
 Run: python python/nats_in_trainer.py [--steps N] [--n-d 5] [--mode loss|lr|accumulate]
+                                      [--weight-on output|loss]
 
 A small non-saturating GAN on the 8-mode ring (design §6). The usual loop alternates one D step
 and one G step (CTS). NATS (design §2) nests them: for j = 1..n_d, one D step then j G steps
@@ -10,7 +11,10 @@ ones a user changes in an existing loop:
 * `nk.annealed_weights(*preset_weights(...), n_d)` builds the weights once (the paper's preset
   below 128x128 is [1, 0.01]; Technique 1's distances are printed for reference);
 * the alternating `for step` loop becomes `for kind, w in nested_schedule(n_d, weights)`;
-* the generator's loss is multiplied by `w`.
+* the generator step takes `w`: the NATS paper puts it on the discriminator's output inside
+  the generator loss, `softplus(-w * D(G(z)))` (its Algorithm 3, line 10; the default here),
+  `--weight-on loss` multiplies the loss instead, `w * softplus(-D(G(z)))`: two different
+  methods for this loss (docs/design.md §2.1).
 
 `--mode lr` / `--mode accumulate` run the same scheme through `NestedTrainer`, where `w`
 scales the learning rate, or weights the block's generator gradients into one optimizer step
@@ -55,7 +59,8 @@ def ring_metrics(x: torch.Tensor) -> tuple[int, float]:
     return int((counts > 0).sum()), 100.0 * float(assigned.double().mean())
 
 
-def main(steps: int = 1000, n_d: int = 5, mode: str = "loss", seed: int = 0) -> tuple[int, float]:
+def main(steps: int = 1000, n_d: int = 5, mode: str = "loss", seed: int = 0,
+         weight_on: str = "output") -> tuple[int, float]:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     G, D = mlp(2, 2), mlp(2, 1)
@@ -80,7 +85,11 @@ def main(steps: int = 1000, n_d: int = 5, mode: str = "loss", seed: int = 0) -> 
 
     def g_step(w=1.0):
         opt_g.zero_grad()
-        (w * g_loss()).backward()  # nats_kernels: the loss times w
+        if weight_on == "output":  # nats_kernels: the paper's form, w on D's output
+            loss = softplus(-w * D(G(torch.randn(256, 2, generator=gen)))).mean()
+        else:  # nats_kernels: the other form, the loss times w
+            loss = w * g_loss()
+        loss.backward()
         opt_g.step()
 
     if mode == "loss":
@@ -109,6 +118,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=1000, help="outer iterations")
     parser.add_argument("--n-d", type=int, default=5)
     parser.add_argument("--mode", choices=["loss", "lr", "accumulate"], default="loss")
+    parser.add_argument("--weight-on", choices=["output", "loss"], default="output",
+                        help="mode loss: where w acts in the generator step (default: output)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # models this small only wait on a thread pool
-    main(args.steps, args.n_d, args.mode)
+    main(args.steps, args.n_d, args.mode, weight_on=args.weight_on)

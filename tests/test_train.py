@@ -162,6 +162,23 @@ def test_every_scheme_runs(scheme, loss):
         assert math.isfinite(r["brc_mean_r"])
 
 
+def test_nats_weight_acts_on_the_output_or_on_the_loss():
+    """nats_weight="output" (the NATS paper) trains on L_G(w * D(G(z))), "loss" on w * L_G: the
+    same for WGAN's linear generator loss, different for the non-saturating one; with all
+    weights 1 both are NTS."""
+    def samples(**kw):
+        return run(RunConfig(scheme="nats", **{**TINY, **kw}))["samples"]
+
+    out, loss = samples(nats_weight="output"), samples(nats_weight="loss")
+    assert not torch.allclose(out, loss, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(samples(loss="wgan-gp", nats_weight="output"),
+                               samples(loss="wgan-gp", nats_weight="loss"), rtol=1e-4, atol=1e-5)
+    ones = dict(w_first=1.0, w_last=1.0)
+    assert torch.equal(samples(nats_weight="output", **ones), samples(nats_weight="loss", **ones))
+    assert torch.equal(samples(nats_weight="output", **ones),
+                       run(RunConfig(scheme="nts", **TINY))["samples"])
+
+
 def test_run_is_seeded():
     a = run(RunConfig(scheme="nats+aw", seed=7, **TINY))
     b = run(RunConfig(scheme="nats+aw", seed=7, **TINY))
@@ -254,15 +271,19 @@ def test_train_bad_option_exits_2_before_creating_out(tmp_path, monkeypatch, cap
     assert not out.exists()
 
 
+def _fake_record(cfg) -> dict:
+    """What run() returns, without training."""
+    return {"dataset": cfg.dataset, "loss": cfg.loss, "scheme": cfg.scheme, "seed": cfg.seed,
+            "modes": 0, "n_modes": 8, "hq": 0.0, "js": 0.0, "fid": 0.0, "seconds_per_step": 0.0,
+            "samples": torch.zeros(4, 2)}
+
+
 def test_train_says_which_scheme_ignores_a_setting(tmp_path, monkeypatch, capsys):
     """annealed-cfg does not read --lr-d/--lr-g/--n-d, cts not --n-d: a changed value is noted
     on stderr (once per option) instead of being dropped without a word; defaults say nothing."""
     import nats_kernels.train.cli as cli
 
-    monkeypatch.setattr(cli, "run", lambda cfg, progress=None: {
-        "dataset": cfg.dataset, "loss": cfg.loss, "scheme": cfg.scheme, "seed": cfg.seed,
-        "modes": 0, "n_modes": 8, "hq": 0.0, "js": 0.0, "fid": 0.0, "seconds_per_step": 0.0,
-        "samples": torch.zeros(4, 2)})
+    monkeypatch.setattr(cli, "run", lambda cfg, progress=None: _fake_record(cfg))
     monkeypatch.setattr("nats_kernels.train.plot.plot_runs", lambda runs, path: path)
     out = str(tmp_path / "out")
     assert _train([*FAST, "--scheme", "annealed-cfg", "cts", "nats", "--lr-d", "1e-4",
@@ -273,6 +294,21 @@ def test_train_says_which_scheme_ignores_a_setting(tmp_path, monkeypatch, capsys
     assert "--n-d is not used by annealed-cfg, cts (no nesting)" in err[1]
     assert _train([*FAST, "--scheme", "annealed-cfg", "--out", out]) == 0
     assert "note" not in capsys.readouterr().err
+
+
+def test_train_nats_weight_option(tmp_path, monkeypatch, capsys):
+    import nats_kernels.train.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run", lambda cfg, **kw: seen.append(cfg) or _fake_record(cfg))
+    monkeypatch.setattr("nats_kernels.train.plot.plot_runs", lambda runs, path: path)
+    out = str(tmp_path / "out")
+    assert _train([*FAST, "--scheme", "nats", "cts", "--nats-weight", "loss", "--out", out]) == 0
+    assert [c.nats_weight for c in seen] == ["loss", "loss"]
+    err = capsys.readouterr().err
+    assert "--nats-weight is not used by cts (no annealed weight in its generator step)" in err
+    with pytest.raises(SystemExit):
+        _train([*FAST, "--nats-weight", "logit", "--out", out])
 
 
 def test_train_device_without_gpu_exits_2(tmp_path, monkeypatch, capsys):
@@ -378,7 +414,7 @@ def test_train_results_json_is_replaced_atomically(tmp_path, monkeypatch):
     (dict(lr_d=-1.0), "lr_d"), (dict(lr_g=float("nan")), "lr_g"), (dict(cfg_lr=-1e-3), "cfg_lr"),
     (dict(device="foo"), "device"), (dict(seed=2**64), "seed"), (dict(betas=(0.9, 1.0)), "betas"),
     (dict(w_last=0.0), "w_last"), (dict(cfg_eta=float("inf")), "cfg_eta"),
-    (dict(steps=2.5), "steps"),
+    (dict(steps=2.5), "steps"), (dict(nats_weight="logit"), "nats_weight"),
 ])
 def test_run_checks_every_setting_before_training(monkeypatch, change, name):
     import nats_kernels.train.runner as runner

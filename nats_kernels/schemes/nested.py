@@ -92,9 +92,18 @@ class NestedTrainer:
 
     ``mode="loss"`` (default; the paper's NATS, Algorithm 3 line 10)
         ``g_step(w)`` is the user's complete generator step (zero_grad, forward on a fresh
-        ``z``, backward, optimizer step) on the loss multiplied by ``w``. ``w`` is a Python float
-        (weights None or numbers) or a 0-d tensor element of ``weights`` (kept on its device).
-        The trainer only calls it; ``g_optimizer``/``generator`` are not needed (ignored).
+        ``z``, backward, optimizer step) with the weight ``w`` in its loss. ``w`` is a Python
+        float (weights None or numbers) or a 0-d tensor element of ``weights`` (kept on its
+        device). The trainer only calls it; ``g_optimizer``/``generator`` are not needed
+        (ignored). Where ``w`` goes is the user's choice, and the two choices differ::
+
+            g_loss_fn(w * D(G(z)))      # the NATS paper: w on the discriminator's output
+            w * g_loss_fn(D(G(z)))      # w on the loss
+
+        They coincide only for a loss linear in D's output (WGAN's ``-mean D``). With the
+        non-saturating ``softplus(-l)``, ``w`` on the output flattens the loss (its gradient
+        is ``w * sigmoid(-w l)`` per logit, not ``w * sigmoid(-l)``); with Adam a constant
+        factor on the loss is nearly cancelled (below), a factor on the output is not.
 
     ``mode="lr"``
         ``g_step()`` -- called **without arguments** -- is the user's complete generator step on

@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("nats-kernels-train"),
                    help="folder for results.json and samples.png (default: %(default)s)")
     p.add_argument("--n-d", type=int, default=d.n_d, help="nesting number of nts/nats")
+    p.add_argument("--nats-weight", choices=["output", "loss"], default=d.nats_weight,
+                   help="where nats's annealed weight acts: on D's output inside the generator "
+                        "loss, L_G(w D(G(z))) (the NATS paper), or on the loss, w L_G "
+                        "(default: %(default)s)")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr-d", type=float, default=d.lr_d,
                    help="discriminator learning rate (default: %(default)s; the BRC paper: 1e-4)")
@@ -72,7 +76,7 @@ def _table(runs: list[dict]) -> str:
 OPTIONS = {"dataset": "--dataset", "loss": "--loss", "scheme": "--scheme", "seed": "--seed",
            "steps": "--steps", "device": "--device", "n_d": "--n-d", "batch": "--batch",
            "lr_d": "--lr-d", "lr_g": "--lr-g", "eval_samples": "--eval-samples",
-           "world": "--nproc"}
+           "world": "--nproc", "nats_weight": "--nats-weight"}
 
 
 def _option_error(message: str) -> str:
@@ -165,7 +169,8 @@ def _check_backend(device: str, world: int, env_world: int) -> None:
 
 def main(args: argparse.Namespace) -> int:
     base = RunConfig(steps=args.steps, device=args.device, n_d=args.n_d, batch=args.batch,
-                     eval_samples=args.eval_samples, lr_d=args.lr_d, lr_g=args.lr_g)
+                     eval_samples=args.eval_samples, lr_d=args.lr_d, lr_g=args.lr_g,
+                     nats_weight=args.nats_weight)
     configs = [replace(base, dataset=ds, loss=lo, scheme=sc, seed=se)
                for ds in args.dataset for lo in args.loss for sc in args.scheme for se in args.seed]
     nproc = getattr(args, "nproc", 1)
@@ -187,11 +192,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     # A setting changed from its default that a scheme does not read: say so, not silently.
     default = RunConfig()
-    for name in ("lr_d", "lr_g", "n_d"):
+    for name in ("lr_d", "lr_g", "n_d", "nats_weight"):
         ignoring = [sc for sc in args.scheme if name in unused_settings(sc)]
         if rank == 0 and ignoring and getattr(base, name) != getattr(default, name):
-            why = ("no nesting" if name == "n_d" else
-                   f"annealed-cfg trains both networks with RMSprop at lr {default.cfg_lr}")
+            why = ("no nesting" if name == "n_d"
+                   else "no annealed weight in its generator step" if name == "nats_weight"
+                   else f"annealed-cfg trains both networks with RMSprop at lr {default.cfg_lr}")
             print(f"nats-kernels train: note: {OPTIONS[name]} is not used by "
                   f"{', '.join(ignoring)} ({why})", file=sys.stderr)
     if env_world > 1:

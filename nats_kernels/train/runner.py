@@ -19,6 +19,7 @@ from .losses import get_loss
 from .metrics import evaluate
 
 BASE_SCHEMES = ("cts", "nts", "nats", "annealed-cfg")
+NATS_WEIGHTS = ("output", "loss")
 MODIFIERS = ("aw", "brc")
 
 
@@ -53,6 +54,9 @@ class RunConfig:
     n_d: int = 5
     w_first: float = 1.0
     w_last: float = 0.01
+    # where nats's weight w[i] acts in the generator step: "output", the NATS paper's
+    # L_G(w[i] * D(G(z))) (its Algorithm 3, line 10), or "loss", w[i] * L_G(D(G(z))) (design §2.1)
+    nats_weight: str = "output"
     # annealed-cfg: the official algorithm (RMSprop, N = 640, 10 epochs, approximator batch 64)
     # with a toy-sized step and learning rate; its discriminator loss is CFG's logistic one
     cfg_M: int = 15
@@ -70,9 +74,11 @@ def unused_settings(scheme: str) -> tuple[str, ...]:
     has no nesting either."""
     base = parse_scheme(scheme)[0]
     if base == "annealed-cfg":
-        return ("lr_d", "lr_g", "n_d")
+        return ("lr_d", "lr_g", "n_d", "nats_weight")
     if base == "cts":
-        return ("n_d",)
+        return ("n_d", "nats_weight")
+    if base == "nts":
+        return ("nats_weight",)
     return ()
 
 
@@ -180,6 +186,9 @@ def check_config(cfg: RunConfig, world: int = 1) -> tuple[str, bool, bool]:
         raise ValueError(f"betas: expected two numbers in [0, 1), got {cfg.betas!r}")
     for name in ("w_first", "w_last"):
         _finite_setting(name, getattr(cfg, name), "number", zero_ok=False)
+    if cfg.nats_weight not in NATS_WEIGHTS:
+        raise ValueError(f"nats_weight: expected one of {list(NATS_WEIGHTS)}, got "
+                         f"{cfg.nats_weight!r}")
     _finite_setting("cfg_eta", cfg.cfg_eta, "step size", zero_ok=False)
     dev = check_device(cfg.device)
     if world > 1:
@@ -367,6 +376,7 @@ def _run_nested(cfg, world, seed, base, G, D, G_dp, D_dp, loss, use_aw, use_brc,
         weights = annealed_weights(cfg.w_first, cfg.w_last, n_d, dtype=torch.float64).tolist()
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     r_sum = torch.zeros((), dtype=torch.float64, device=device)
+    on_output = base == "nats" and cfg.nats_weight == "output"
 
     def d_step():
         xr = real(batch)
@@ -388,7 +398,10 @@ def _run_nested(cfg, world, seed, base, G, D, G_dp, D_dp, loss, use_aw, use_brc,
         # D's gradients from here are dropped (opt_g steps G only; D's step zeroes them first),
         # so the plain network: no all-reduce of them
         fake_logits = D(fake)
-        F_loss = w * loss.gen(fake_logits)
+        if on_output:  # the NATS paper: the weight on D's output inside the generator loss
+            F_loss = loss.gen(w * fake_logits)
+        else:
+            F_loss = w * loss.gen(fake_logits)
         opt_g.zero_grad(set_to_none=True)
         if brc is not None:
             # f: the discriminator's loss on the same, non-detached fake batch (design §5)
