@@ -217,6 +217,64 @@ def brc_single(world, dtype):
     return dict(r=r, grads=grads(G), d_grads=grads(D))
 
 
+SOLVERS = (("cg", dict(iters=4, damping=0.1)),
+           ("neumann", dict(iters=3, damping=0.1, neumann_step=0.1)))
+
+
+def brc_solver_worker(rank, world):
+    out = []
+    for solver, kw in SOLVERS:
+        for how in ("ddp", "plain"):
+            G, D = models(torch.float64)
+            preset_grad(G)
+            real, z = data(world, torch.float64, 3)
+            sl = slice(rank * B, (rank + 1) * B)
+            Gw, Dw = wrap(G, how), wrap(D, how)
+            group = dist.group.WORLD if how == "plain" else None
+            brc = schemes.BRC(Gw, Dw, solver=solver, process_group=group, **kw)
+            res = brc_case(Gw, Dw, brc, real[sl], z[sl])
+            out.append(dict(solver=solver, how=how, residual=res, grads=grads(G),
+                            d_grads=grads(D)))
+    try:
+        schemes.BRC(wrap(models(torch.float64)[0], "ddp-unused"),
+                    wrap(models(torch.float64)[1], "ddp-unused"), solver="cg")
+        refused = None
+    except NotImplementedError as e:
+        refused = str(e)
+    return out, refused
+
+
+def brc_solver_single(world, solver, kw):
+    G, D = models(torch.float64)
+    preset_grad(G)
+    real, z = data(world, torch.float64, 3)
+    brc = schemes.BRC(G, D, solver=solver, **kw)
+    res = brc_case(G, D, brc, real, z)
+    return dict(residual=res, grads=grads(G))
+
+
+def test_brc_solvers_match_one_process():
+    """cg / neumann under 2 ranks (DDP-wrapped, or plain with process_group): every rank solves
+    the system of one process on the concatenated batch (dF/dD and each Hessian-vector product
+    averaged over the ranks), and ends with the same generator gradient."""
+    world = 2
+    results = run(brc_solver_worker, world)
+    for i, (solver, kw) in enumerate(s for s in SOLVERS for _ in (0, 1)):
+        want = brc_solver_single(world, solver, kw)
+        first = results[0][0][i]
+        for rank in range(world):
+            got = results[rank][0][i]
+            what = f"{solver}, {got['how']}, rank {rank}"
+            assert got["solver"] == solver
+            assert torch.equal(got["residual"], first["residual"]), what
+            torch.testing.assert_close(got["residual"], want["residual"], rtol=1e-9, atol=1e-12)
+            assert_same_grads(got["grads"], want["grads"], torch.float64, what)
+            assert got["grads"][0] is None and got["grads"][1] is None  # G.unused, G.frozen
+            assert all(g is None for g in got["d_grads"]), what
+    for _, refused in results:
+        assert refused is not None and "find_unused_parameters" in refused
+
+
 @pytest.mark.parametrize("world", (2, 3))
 def test_brc_matches_one_process(world):
     results = run(brc_worker, world)

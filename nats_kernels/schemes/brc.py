@@ -70,7 +70,11 @@ class BRC:
     positive definite to converge, Neumann every eigenvalue in ``(0, 2/neumann_step)``.
     ``last_residual`` says how far the solve got. Cost: one backward of F, one of f with
     ``create_graph=True``, ``iters`` double backwards through D's part of that graph and one
-    into G; memory: the double-backward graph plus five copies of D's gradients (CG).
+    into G; memory: the double-backward graph plus five copies of D's gradients (CG). Under
+    torch.distributed dF/dD and each product are averaged over the ranks (one all-reduce per
+    product: ``iters + 1`` all-reduces of D's gradient volume), so every rank solves the same
+    system, that of one process on the concatenated batch; the corrected generator gradient is
+    averaged once, as for eq. 9.
 
     Do not freeze the discriminator (``requires_grad_(False)``) around the generator step: r
     needs the gradients with respect to its parameters. Frozen discriminator parameters are left
@@ -122,7 +126,8 @@ class BRC:
             without trainable parameters, an unknown solver, iters < 1, a negative or
             non-finite damping, a non-positive neumann_step, a bad ratio_clamp or one given to
             another solver, discriminator parameters of two dtypes with ``"cg"``/``"neumann"``.
-        NotImplementedError: ``"cg"``/``"neumann"`` under torch.distributed.
+        NotImplementedError: ``"cg"``/``"neumann"`` with ``find_unused_parameters=True``
+            wrappers.
     """
 
     def __init__(
@@ -156,10 +161,11 @@ class BRC:
                     f"solver={self.solver!r} needs the discriminator's trainable parameters in "
                     f"one dtype, got {sorted(str(t) for t in {p.dtype for p in p_d})}"
                 )
-            if self.process_group is not None:
+            if self.process_group is not None and self._sync.find_unused:
                 raise NotImplementedError(
-                    f"solver={self.solver!r} under torch.distributed is not implemented (each "
-                    f"Hessian-vector product would need its own all-reduce); use solver='iga'"
+                    f"solver={self.solver!r} with find_unused_parameters=True wrappers is not "
+                    f"implemented (the ranks would have to agree on the parameters each "
+                    f"Hessian-vector product reaches); use solver='iga'"
                 )
         self.last_ratio: Tensor | None = None
         self.last_norms: Tensor | None = None
@@ -281,6 +287,16 @@ class BRC:
         rhs = [(_grads.zeros(p_d[i], zeros) if gF_d[i] is None else gF_d[i]).detach().clone()
                for i in active]
         apply = _implicit.hvp_operator(grads, params, self.damping)
+        if self.process_group is not None:
+            # f and F are means over the ranks' batches: dF/dD and every product H p are the
+            # means of the ranks' own (one all-reduce each); the solve is then the same on all
+            group, limit = self._sync.group, self._sync.bucket_bytes
+            rhs = _comm.mean_over_ranks(rhs, params, group, limit)
+            local = apply
+
+            def apply(p):
+                return _comm.mean_over_ranks(local(p), params, group, limit)
+
         if self.solver == "cg":
             sol, residual = _implicit.conjugate_gradient(apply, rhs, self.iters)
         else:
@@ -293,7 +309,11 @@ class BRC:
                 "without .detach()"
             )
         one = torch.ones((), dtype=v.acc_dtype(p_g[0].dtype), device=p_g[0].device)
-        self._accumulate(p_g, gF_g, h_gd, one, _grads.storage_counts(g_F, h_gd))
+        if self.process_group is not None:
+            used_g = [a is not None or b is not None for a, b in zip(gF_g, h_gd)]
+            self._global_accumulate(p_g, gF_g, h_gd, one, used_g)
+        else:
+            self._accumulate(p_g, gF_g, h_gd, one, _grads.storage_counts(g_F, h_gd))
         self.last_residual = residual
         return residual
 
@@ -335,6 +355,14 @@ class BRC:
             [vw if u else None for vw, u in zip(views[:n], used)],
             [vw if u else None for vw, u in zip(views[n:], used)],
         )
+        self._global_accumulate(p_g, gF_g, gf_g, r, used_g)
+        self.last_ratio = r
+        return r
+
+    def _global_accumulate(self, p_g, gF_g, gf_g, r, used_g) -> None:
+        """Each rank's ``gF - r * gf`` averaged over the ranks (one all-reduce per bucket) and
+        accumulated into ``.grad`` where ``used_g``; a parameter no rank reached is left alone."""
+        group, limit = self._sync.group, self._sync.bucket_bytes
         buffers, c = _comm.flat_buffers(gF_g, p_g, limit)  # None counts as zeros
         corrected: dict[torch.dtype, tuple[list, list]] = {}
         for p, buf, gf in zip(p_g, c, gf_g):
@@ -359,8 +387,6 @@ class BRC:
                 add.append(buf)
         if add_to:
             torch._foreach_add_(add_to, add)
-        self.last_ratio = r
-        return r
 
 
 def _solver(solver) -> str:
