@@ -100,3 +100,20 @@ def test_distributed_benchmark_runs_and_counts_the_volume(tmp_path):
         if r["step"] in ("D aw", "G brc"):
             assert r["our_allreduce_calls"] == 2, r  # one flat buffer each, plus stats / G
     assert "| 2 | train MLP | D aw |" in (tmp_path / "dist.md").read_text()
+
+
+def test_brc_solvers_benchmark_runs(tmp_path):
+    """benchmarks/brc_solvers.py with one timed step and one product: a row per dataset and
+    step kind, a residual exactly for the two solvers, and the Markdown table."""
+    path = tmp_path / "brc.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "brc_solvers.py"), "--steps", "1",
+           "--iters", "1", "--json", str(path), "--md", str(tmp_path / "brc.md")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["dataset"], r["kind"]) for r in rows] == [
+        (d, k) for d in ("ring8-brc", "cube27-brc") for k in ("plain", "iga", "cg", "neumann")]
+    for r in rows:
+        assert r["seconds"] > 0
+        assert (r["residual"] is not None) == (r["kind"] in ("cg", "neumann")), r
+    assert "| ring8-brc | cg (1) |" in (tmp_path / "brc.md").read_text()
