@@ -13,7 +13,7 @@ line of a trainer that already has ``loss.backward(); opt.step()``:
 from ..ops import annealed_weights
 from .aw import AWLoss
 from .brc import BRC
-from .cfg import AnnealedCFG
+from .cfg import AnnealedCFG, DiffMaxExceeded
 from .distances import initial_weight_distances, preset_weights
 from .nested import NestedTrainer, nested_schedule
 
@@ -21,6 +21,7 @@ __all__ = [
     "AWLoss",
     "AnnealedCFG",
     "BRC",
+    "DiffMaxExceeded",
     "NestedTrainer",
     "annealed_weights",
     "initial_weight_distances",

@@ -81,6 +81,17 @@ def _approx_decay(value) -> float:
     return x
 
 
+def _diff_max(value) -> float | None:
+    """None (no check) or a positive finite Python number. The official code switches the check
+    off with a value <= 0; here that is None, and 0 or a negative value is refused."""
+    if value is None:
+        return None
+    if v.is_number(value) and value <= 0:
+        raise ValueError(f"diff_max must be positive and finite, got {value} (None switches the "
+                         f"check off; the official code spells that <= 0)")
+    return v.positive("diff_max", value)
+
+
 def _rng(rng, device: torch.device) -> torch.Generator | None:
     if rng is not None:
         if not isinstance(rng, torch.Generator):
@@ -110,6 +121,26 @@ def _weight_tensor(weights, M: int, device: torch.device) -> Tensor:
     return w
 
 
+class DiffMaxExceeded(RuntimeError):
+    """:meth:`AnnealedCFG.train_stage` found ``|D(real) - D(fake)| > diff_max`` (design §1.4):
+    where the official training loop stops (``break`` before the stage's approximator).
+
+    Attributes:
+        stage: the stage it happened in (the ``stage`` counter, which is not advanced).
+        diff: the stage's ``D(real) - D(fake)`` as read on the host (``last_stage_diff``).
+        diff_max: the threshold it exceeded.
+    """
+
+    def __init__(self, stage: int, diff: float, diff_max: float):
+        self.stage, self.diff, self.diff_max = stage, diff, diff_max
+        super().__init__(
+            f"|D(real) - D(fake)| = {abs(diff):g} exceeded diff_max = {diff_max:g} in stage "
+            f"{stage}: the official training loop stops here. This stage's discriminator phase "
+            f"is done (D, its optimizer, the snapshots), its approximator was skipped (G is the "
+            f"last completed stage's) and the stage counter stays at {stage}"
+        )
+
+
 class AnnealedCFG:
     """Annealed CFG (design §1): a generator ``G`` plus ``M`` discriminator snapshots.
 
@@ -128,6 +159,27 @@ class AnnealedCFG:
             randperm(N), in batches of batch_size, of one optimizer step of G on
             sum((G(z) - x_M)^2) / (2 * batch); G's optimizer is created anew each stage.
 
+    The stage's ``D(real) - D(fake)`` (``last_stage_diff``) is the official ``DDG.icfg``'s
+    return value: over the ``U`` discriminator steps of the last snapshot (``t = M-1``; the
+    official sums restart at each ``t``), the sum of ``D``'s outputs on the real batches minus
+    the sum on the generated batches (every output of a sample counts), both as ``D`` gave them
+    in the step's forward pass (before its optimizer step), divided by the number of real
+    samples; summed in float64 on the device, with no host read. Two official checks read it:
+
+    - NaN: the official stage raises when either sum is NaN. Here a ``RuntimeError`` naming the
+      stage and the sum(s) that were NaN, raised at the stage's first host read: at the end of
+      the discriminator phase when ``diff_max`` is given (where the official code raises), else
+      with the approximator's first epoch mean (one transfer, before the lr rule; ``G`` has then
+      taken that epoch's steps), else (``approx_decay=0`` and ``diff_max=None``: no host read)
+      never -- read ``last_stage_diff`` yourself.
+    - ``diff_max``: the official training loop stops, before the stage's approximator, when
+      ``|D(real) - D(fake)| > diff_max`` in a stage whose 0-based index is at least 2000
+      (``diff_max_after`` here). Here :class:`DiffMaxExceeded` is raised at that point, so the
+      stop cannot go unnoticed: the discriminator phase is done (``D``, its optimizer and the
+      snapshots are this stage's), the approximator is skipped (``G`` is the last completed
+      stage's; :meth:`generate` gives the official model at its stop), ``stage`` is not
+      advanced. A NaN value does not exceed ``diff_max`` (the NaN check above catches NaN sums).
+
     The discriminator and its optimizer persist across stages; the snapshots are overwritten
     each stage. ``G`` runs in eval mode while producing samples (as the official
     ``is_train=False``) and in train mode while it is fitted; its previous mode is restored.
@@ -143,7 +195,9 @@ class AnnealedCFG:
     Host syncs: none per step. The approximator's learning-rate rule of the official code
     (multiply lr by ``approx_decay`` when an epoch's mean loss went up, at most
     ``approx_redmax`` times per stage) reads that mean once per epoch; it also raises on a NaN
-    mean there. ``approx_decay=0`` switches the rule off and with it the last host read.
+    mean there. ``approx_decay=0`` switches the rule off and with it those reads. ``diff_max``
+    adds one host read per stage (``last_stage_diff`` and the two sums, at the end of the
+    discriminator phase); with ``diff_max=None`` there is none beyond the lr rule's.
 
     Several processes (``torch.distributed``): pass ``DistributedDataParallel``-wrapped modules
     (or plain ones and ``process_group=``), each rank with its own real batches and its own
@@ -160,7 +214,10 @@ class AnnealedCFG:
     moved with the unwrapped modules: ``generate`` runs per rank, with no collective, and each
     rank fits ``G`` on its own ``N`` samples (``N`` per rank). With ``d_backward`` the
     discriminator's gradients are its business (``AWLoss`` of the wrapped discriminator
-    averages them). ``state_dict`` holds the unwrapped modules' states.
+    averages them). ``state_dict`` holds the unwrapped modules' states. ``last_stage_diff`` is
+    the group's: the two sums and the sample count are averaged over the ranks at the end of
+    each discriminator phase (one 24-byte all-reduce per stage), so every rank takes the same
+    NaN and ``diff_max`` decisions.
 
     Args:
         generator: ``G``, an ``nn.Module`` mapping ``(B, *z_dim)`` to samples (or its DDP
@@ -191,7 +248,15 @@ class AnnealedCFG:
         optimizer: ``optimizer(params, lr) -> torch.optim.Optimizer`` for D (once) and for G
             (each stage); default :func:`default_optimizer`.
         approx_decay: lr factor of the approximator's rule (0.1 official; 0 disables it).
-        approx_redmax: at most this many lr reductions per stage (3 official); None: no limit.
+        approx_redmax: at most this many lr reductions per stage (3 official). ``None``: no
+            limit; ``0``: no reduction at all; negative: refused. (The official code reads any
+            value ``<= 0`` as no limit: write ``None`` for its ``0``.)
+        diff_max: stop (raise :class:`DiffMaxExceeded`) when ``|last_stage_diff|`` exceeds this
+            in a stage at or after ``diff_max_after``; a positive Python number (official
+            ``--diff_max``, default 40 in ``train_cfggan.py``), or ``None`` (the default here):
+            no check and no per-stage host read. The official ``<= 0`` ("off") is ``None`` here.
+        diff_max_after: the first stage (the 0-based ``stage`` counter) the ``diff_max`` rule
+            applies to: 2000, the official start-up phase (hard-coded there).
         rng: an optional ``torch.Generator`` on the training device for every draw above.
         d_backward: replaces the discriminator's ``loss.backward()``: called as
             ``d_backward(loss_real, loss_fake, real_logits, fake_logits)`` with the two
@@ -205,6 +270,9 @@ class AnnealedCFG:
         snapshots: the ``M`` discriminator copies. ``d_optimizer``: D's optimizer.
         stage: completed stages. ``last_d_loss``: D's loss of the last step (0-d, detached).
         last_approx_loss: the approximator's mean loss over its last epoch (0-d, detached).
+        last_stage_diff: the last stage's ``D(real) - D(fake)`` (above): a 0-d float64 tensor on
+            the training device, set at the end of each discriminator phase (also when a check
+            then raises); ``None`` before the first stage.
 
     Raises:
         TypeError / ValueError: on arguments of the wrong type, range, length or device.
@@ -229,6 +297,8 @@ class AnnealedCFG:
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         approx_decay: float = 0.1,
         approx_redmax: int | None = 3,
+        diff_max: float | None = None,
+        diff_max_after: int = 2000,
         rng: torch.Generator | None = None,
         d_backward: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
         process_group=None,
@@ -250,6 +320,8 @@ class AnnealedCFG:
         self.approx_decay = _approx_decay(approx_decay)
         self.approx_redmax = (None if approx_redmax is None
                               else v.integer("approx_redmax", approx_redmax, minimum=0))
+        self.diff_max = _diff_max(diff_max)
+        self.diff_max_after = v.integer("diff_max_after", diff_max_after, minimum=0)
         self.rng = _rng(rng, self.device)
         self.d_backward = _d_backward(d_backward)
         self.weights = _weight_tensor(weights, self.M, self.device)
@@ -267,6 +339,7 @@ class AnnealedCFG:
         self.stage = 0
         self.last_d_loss: Tensor | None = None
         self.last_approx_loss: Tensor | None = None
+        self.last_stage_diff: Tensor | None = None
         self._real_source = None
         self._real_iter = None
 
@@ -438,7 +511,11 @@ class AnnealedCFG:
             ValueError: an empty batch, or samples with another number of values than the
                 generator's (checked before the discriminator sees them; another layout of as
                 many values, e.g. (1, 28, 28) against (784,), is left to the discriminator).
-            RuntimeError: a one-shot iterator that runs out within the stage.
+            RuntimeError: a one-shot iterator that runs out within the stage; NaN in the sums of
+                ``D``'s outputs behind ``last_stage_diff`` (see the class docstring for when that
+                is checked) or in the approximator's epoch mean, naming the stage.
+            DiffMaxExceeded: ``|last_stage_diff| > diff_max`` (a ``RuntimeError``; class
+                docstring): where the official training loop stops.
         """
         if real_batches is not self._real_source:
             self._real_source = real_batches
@@ -446,6 +523,10 @@ class AnnealedCFG:
         needed = self.M * self.U
         D, opt = self.discriminator, self.d_optimizer
         got = 0
+        # The official icfg's sum_real, sum_fake, count: restarted at each t, so only the last
+        # snapshot's U steps are kept (on the device, in float64 as the official Python floats).
+        sum_real = sum_fake = None
+        count = 0
         for t in range(self.M):
             for _ in range(self.U):
                 xr = self._next_real(needed, got)
@@ -471,13 +552,57 @@ class AnnealedCFG:
                     loss = self.d_backward(loss_real, loss_fake, real_logits, fake_logits)
                 opt.step()
                 self.last_d_loss = loss.detach()
+                if t == self.M - 1:
+                    r = real_logits.detach().sum(dtype=torch.float64)
+                    f = fake_logits.detach().sum(dtype=torch.float64)
+                    sum_real = r if sum_real is None else sum_real + r
+                    sum_fake = f if sum_fake is None else sum_fake + f
+                    count += xr.shape[0]
             self._snapshot(t)
-        self._approximate()
+        sums = self._stage_diff(sum_real, sum_fake, count)
+        if self.diff_max is not None:
+            self._check_stage(sums)
+            sums = None  # checked: nothing left for the approximator's first read
+        self._approximate(sums)
         if self.process_group is not None:
             _comm.broadcast_module(self._G, self.process_group, parameters=False)
         self.stage += 1
 
-    def _approximate(self) -> None:
+    def _stage_diff(self, sum_real: Tensor, sum_fake: Tensor, count: int) -> Tensor:
+        """Set ``last_stage_diff`` = (sum_real - sum_fake) / count (averaged over the ranks of a
+        group first: one all-reduce of three numbers) and return the two sums, (2,) float64."""
+        sums = torch.stack([sum_real, sum_fake])
+        if self.process_group is None:
+            self.last_stage_diff = (sums[0] - sums[1]) / count
+            return sums
+        buf = torch.cat([sums, sums.new_full((1,), count)])  # a fill: no host-to-device copy
+        _comm.all_reduce_mean_([buf], self.process_group)
+        self.last_stage_diff = (buf[0] - buf[1]) / buf[2]
+        return buf[:2]
+
+    def _raise_if_d_nan(self, sum_real: float, sum_fake: float) -> None:
+        """The official ``raise_if_nan(sum_real); raise_if_nan(sum_fake)``, naming the stage."""
+        nan = [name for name, value in (("D(real)", sum_real), ("D(fake)", sum_fake))
+               if math.isnan(value)]
+        if nan:
+            raise RuntimeError(
+                f"discriminator output is NaN in stage {self.stage}: the sum of "
+                f"{' and of '.join(nan)} over the last snapshot's U = {self.U} step(s) is NaN "
+                f"(last_stage_diff holds the stage's value)"
+            )
+
+    def _check_stage(self, sums: Tensor) -> None:
+        """The official per-stage checks with ``diff_max`` given: one host read of the two sums
+        and ``last_stage_diff``, then NaN (raise) and the ``diff_max`` rule (class docstring)."""
+        sum_real, sum_fake, diff = torch.cat(
+            [sums, self.last_stage_diff.reshape(1)]).tolist()  # the stage's one host read
+        self._raise_if_d_nan(sum_real, sum_fake)
+        if self.stage >= self.diff_max_after and abs(diff) > self.diff_max:
+            raise DiffMaxExceeded(self.stage, diff, self.diff_max)
+
+    def _approximate(self, d_sums: Tensor | None = None) -> None:
+        """The approximator. ``d_sums``: the discriminator phase's two sums, not yet checked for
+        NaN; read along with the first epoch mean the lr rule reads (no read of their own)."""
         n_total, bs = self.N, self.batch_size
         targets, zs = self.generate(n_total, batch_size=bs, return_z=True)
         G = self.generator
@@ -507,7 +632,13 @@ class AnnealedCFG:
                     _comm.all_reduce_mean_([mean.reshape(1)], self.process_group)
                 self.last_approx_loss = mean
                 if self.approx_decay > 0:
-                    value = float(mean)  # the one host read per epoch (see class docstring)
+                    if d_sums is not None:  # the same single read, D's NaN check riding along
+                        value, sum_real, sum_fake = torch.cat(
+                            [mean.reshape(1).to(torch.float64), d_sums]).tolist()
+                        d_sums = None
+                        self._raise_if_d_nan(sum_real, sum_fake)
+                    else:
+                        value = float(mean)  # the one host read per epoch (see class docstring)
                     if math.isnan(value):
                         raise RuntimeError(f"approximator loss is NaN in stage {self.stage}")
                     limit_ok = self.approx_redmax is None or reductions < self.approx_redmax
