@@ -208,7 +208,7 @@ class BRC:
         params = p_d + p_g
 
         if self.solver != "iga":
-            return self._implicit(F, f, p_d, p_g)
+            return self._solve(F, f, p_d, p_g)
         retain = _grads.shares_graph(f, F)
         g_f = torch.autograd.grad(f, params, retain_graph=retain, allow_unused=True)
         gf_d, gf_g = g_f[:n_d], g_f[n_d:]
@@ -267,7 +267,7 @@ class BRC:
         for dtype, (bufs, gfs) in corrected.items():
             iga_correction_(bufs, gfs, r.to(v.acc_dtype(dtype)))
 
-    def _implicit(self, F: Tensor, f: Tensor, p_d, p_g) -> Tensor:
+    def _solve(self, F: Tensor, f: Tensor, p_d, p_g) -> Tensor:
         """The "cg" / "neumann" step (design §5.4); returns the solve's residual measure."""
         n_d = len(p_d)
         g_F = torch.autograd.grad(F, p_d + p_g, retain_graph=True, allow_unused=True)
@@ -276,7 +276,7 @@ class BRC:
             raise ValueError("F does not depend on any trainable parameter of the generator")
         gf_d = torch.autograd.grad(f, p_d, create_graph=True, allow_unused=True)
         # Only gradients that depend on some parameter take part: the others have zero rows in
-        # H_DD and H_GD (see _implicit's docstring).
+        # H_DD and H_GD (see the _implicit module's docstring).
         active = [i for i, g in enumerate(gf_d) if g is not None and g.requires_grad]
         if not active:
             raise ValueError("f's gradient with respect to the discriminator depends on no "
@@ -284,8 +284,8 @@ class BRC:
         grads = [gf_d[i] for i in active]
         params = [p_d[i] for i in active]
         zeros: dict = {}
-        rhs = [(_grads.zeros(p_d[i], zeros) if gF_d[i] is None else gF_d[i]).detach().clone()
-               for i in active]
+        # read only: the solvers copy what they update
+        rhs = [_grads.zeros(p_d[i], zeros) if gF_d[i] is None else gF_d[i] for i in active]
         apply = _implicit.hvp_operator(grads, params, self.damping)
         if self.process_group is not None:
             # f and F are means over the ranks' batches: dF/dD and every product H p are the
