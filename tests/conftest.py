@@ -42,3 +42,18 @@ def threads(request):
         torch.set_num_threads(1)
     yield lambda: torch.set_num_threads(n)
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _digits_classifier_cache(tmp_path_factory):
+    """The digits classifier (design §6.4) is cached in a folder of this session, never in the
+    user's cache: the first test that evaluates digits trains it (seconds), the rest load it.
+    tests/test_digits.py points the cache elsewhere where it tests the cache itself."""
+    if "NATS_KERNELS_CACHE" in os.environ:
+        yield
+        return
+    os.environ["NATS_KERNELS_CACHE"] = str(tmp_path_factory.mktemp("nats_kernels_cache"))
+    try:
+        yield
+    finally:
+        os.environ.pop("NATS_KERNELS_CACHE", None)
