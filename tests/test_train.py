@@ -203,6 +203,11 @@ def test_train_command_writes_results_and_figure(tmp_path):
                 "seconds_per_step"} <= set(r)
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "modes" in res.stdout and "nats+aw" in res.stdout
+    # a reading per nats+aw run, next to the cts run of its dataset
+    readings = [line for line in res.stdout.splitlines() if "nats+aw: " in line]
+    assert [line.split(",")[0].strip() for line in readings] == [
+        "ring8 vanilla seed 0", "cube27 vanilla seed 0"]
+    assert all("than cts" in line or "as many modes as cts" in line for line in readings)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -272,10 +277,11 @@ def test_train_bad_option_exits_2_before_creating_out(tmp_path, monkeypatch, cap
 
 
 def _fake_record(cfg) -> dict:
-    """What run() returns, without training."""
-    return {"dataset": cfg.dataset, "loss": cfg.loss, "scheme": cfg.scheme, "seed": cfg.seed,
-            "modes": 0, "n_modes": 8, "hq": 0.0, "js": 0.0, "fid": 0.0, "seconds_per_step": 0.0,
-            "samples": torch.zeros(4, 2)}
+    """What run() returns (every setting, the metrics, the samples), without training."""
+    from dataclasses import asdict
+
+    return {**asdict(cfg), "betas": list(cfg.betas), "modes": 0, "n_modes": 8, "hq": 0.0,
+            "js": 0.0, "fid": 0.0, "seconds_per_step": 0.0, "samples": torch.zeros(4, 2)}
 
 
 def test_train_says_which_scheme_ignores_a_setting(tmp_path, monkeypatch, capsys):

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from .data import DATASETS
+from .data import BENCHMARKS
 from .losses import LOSSES
 from .runner import RunConfig, check_config, run, unused_settings
 
@@ -30,8 +30,9 @@ DEFAULT_SCHEMES = ("cts", "nats", "cts+aw", "cts+brc")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
-    p.add_argument("--dataset", nargs="+", default=[d.dataset], choices=sorted(DATASETS),
-                   help="benchmarks to train on (default: %(default)s)")
+    p.add_argument("--dataset", nargs="+", default=[d.dataset], choices=sorted(BENCHMARKS),
+                   help="benchmarks to train on: the Gaussian mixtures, or digits (scikit-learn's "
+                        "bundled 8x8 handwritten digits, conv networks; default: %(default)s)")
     p.add_argument("--loss", nargs="+", default=[d.loss], choices=sorted(LOSSES),
                    help="GAN losses (default: %(default)s)")
     p.add_argument("--scheme", nargs="+", default=list(DEFAULT_SCHEMES),
@@ -53,8 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="discriminator learning rate (default: %(default)s; the BRC paper: 1e-4)")
     p.add_argument("--lr-g", type=float, default=d.lr_g,
                    help="generator learning rate (default: %(default)s)")
+    p.add_argument("--betas", type=float, nargs=2, default=list(d.betas), metavar=("B1", "B2"),
+                   help="Adam's betas for both networks (default: %(default)s; DCGAN-style "
+                        "networks such as digits': 0.5 0.999)")
     p.add_argument("--eval-samples", type=int, default=d.eval_samples,
                    help="generated (and real) points the metrics use (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="also evaluate every N D steps: a curve per run in results.json "
+                        "(default: %(default)s, none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes per run (gloo on cpu, nccl on cuda with a GPU "
@@ -63,20 +70,81 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _table(runs: list[dict]) -> str:
-    head = ("dataset", "loss", "scheme", "seed", "modes", "hq %", "js", "fid", "s/step")
+    """The printed table; digits runs add the classifier-feature FID ("feat fid"; design §6.4:
+    their modes are classes covered, hq % the confidently classified images, fid in pixels)."""
+    feat = any("fid_features" in r for r in runs)
+    head = ("dataset", "loss", "scheme", "seed", "modes", "hq %", "js", "fid",
+            *(("feat fid",) if feat else ()), "s/step")
     rows = [(r["dataset"], r["loss"], r["scheme"], str(r["seed"]), f"{r['modes']}/{r['n_modes']}",
-             f"{r['hq']:.1f}", f"{r['js']:.3f}", f"{r['fid']:.4f}", f"{r['seconds_per_step']:.4f}")
+             f"{r['hq']:.1f}", f"{r['js']:.3f}", f"{r['fid']:.4f}",
+             *((f"{r['fid_features']:.3f}" if "fid_features" in r else "-",) if feat else ()),
+             f"{r['seconds_per_step']:.4f}")
             for r in runs]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _reading(r: dict, cts: dict) -> str:
+    """One line: what a scheme's run did next to the cts run of the same benchmark, loss and
+    seed, in numbers, with the scheme's own diagnostic (design §2, §4, §5)."""
+    n = r["n_modes"]
+    if r["modes"] != cts["modes"]:
+        verdict = (f"{'more' if r['modes'] > cts['modes'] else 'fewer'} modes than cts "
+                   f"({r['modes']}/{n} vs {cts['modes']}/{n})")
+    else:
+        ratio = r["fid"] / cts["fid"] if cts["fid"] else float("inf")
+        verdict = (f"as many modes as cts ({r['modes']}/{n}), FID x{ratio:.2f} of cts's, "
+                   f"hq {r['hq']:.1f}% vs {cts['hq']:.1f}%")
+    why = []
+    base = r["scheme"].split("+")[0]
+    if base in ("nts", "nats"):
+        k = r["n_d"]
+        why.append(f"N_d = {k}: {k * (k + 1) // 2} G steps per {k} D steps"
+                   + (", the annealed weight on " + ("D's output" if r["nats_weight"] == "output"
+                                                   else "the loss") if base == "nats" else ""))
+    if base == "annealed-cfg":
+        why.append("M = 15 functional-gradient steps per stage, generator fitted by regression")
+    if "aw_case_counts" in r:
+        counts = r["aw_case_counts"]
+        total = sum(counts) or 1
+        top = max(range(5), key=lambda i: counts[i])
+        why.append(f"aw rule case {top + 1} (design §4) in {100 * counts[top] / total:.0f}% "
+                   f"of D steps")
+    if "brc_mean_r" in r:
+        mean_r = r["brc_mean_r"]
+        if r["loss"] == "vanilla" and mean_r < 0:  # non-saturating: weights 1 + (r - 1) s_i
+            effect = (f": eq. 9 pushes every fake with D's sigmoid above "
+                      f"{1 / (1 - mean_r):.2f} the wrong way (design §5.2)")
+        elif r["loss"] == "wgan-gp" and mean_r < -1:  # the gain 1 + r
+            effect = ": the gain 1 + r < 0 reverses the generator's gradient (design §5.2)"
+        else:
+            effect = ""
+        why.append(f"BRC mean r {mean_r:.2f}{effect}")
+    return f"{r['scheme']}: {verdict}" + (f"; {'; '.join(why)}" if why else "")
+
+
+def _readings(runs: list[dict]) -> list[str]:
+    """A reading for every run that has a cts run of the same dataset, loss and seed beside it
+    (the default invocation: nats, cts+aw and cts+brc next to cts)."""
+    lines = []
+    for r in runs:
+        if r["scheme"] == "cts":
+            continue
+        cts = next((c for c in runs if c["scheme"] == "cts" and all(
+            c[k] == r[k] for k in ("dataset", "loss", "seed", "steps", "batch", "lr_d",
+                                   "lr_g"))), None)
+        if cts is not None:
+            lines.append(f"  {r['dataset']} {r['loss']} seed {r['seed']}, " + _reading(r, cts))
+    return lines
+
+
 #: the RunConfig settings this command sets, by the option that sets them (for error messages)
 OPTIONS = {"dataset": "--dataset", "loss": "--loss", "scheme": "--scheme", "seed": "--seed",
            "steps": "--steps", "device": "--device", "n_d": "--n-d", "batch": "--batch",
            "lr_d": "--lr-d", "lr_g": "--lr-g", "eval_samples": "--eval-samples",
-           "world": "--nproc", "nats_weight": "--nats-weight"}
+           "world": "--nproc", "nats_weight": "--nats-weight",
+           "eval_every": "--eval-every", "betas": "--betas"}
 
 
 def _option_error(message: str) -> str:
@@ -170,7 +238,8 @@ def _check_backend(device: str, world: int, env_world: int) -> None:
 def main(args: argparse.Namespace) -> int:
     base = RunConfig(steps=args.steps, device=args.device, n_d=args.n_d, batch=args.batch,
                      eval_samples=args.eval_samples, lr_d=args.lr_d, lr_g=args.lr_g,
-                     nats_weight=args.nats_weight)
+                     nats_weight=args.nats_weight, eval_every=args.eval_every,
+                     betas=tuple(args.betas))
     configs = [replace(base, dataset=ds, loss=lo, scheme=sc, seed=se)
                for ds in args.dataset for lo in args.loss for sc in args.scheme for se in args.seed]
     nproc = getattr(args, "nproc", 1)
@@ -192,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     # A setting changed from its default that a scheme does not read: say so, not silently.
     default = RunConfig()
-    for name in ("lr_d", "lr_g", "n_d", "nats_weight"):
+    for name in ("lr_d", "lr_g", "betas", "n_d", "nats_weight"):
         ignoring = [sc for sc in args.scheme if name in unused_settings(sc)]
         if rank == 0 and ignoring and getattr(base, name) != getattr(default, name):
             why = ("no nesting" if name == "n_d"
@@ -318,6 +387,11 @@ def _train_runs(args, configs, rank: int = 0, shared: _Shared | None = None) -> 
                   f"{kept()}{note}", file=sys.stderr)
         raise
     print(_table(saved))
+    lines = _readings(saved)
+    if lines:
+        print("\nNext to cts (one seed, one budget: `nats-kernels study` repeats the papers' "
+              "protocols over seeds):")
+        print("\n".join(lines))
     print(f"\nwrote {results} and {figure}")
     return 0
 

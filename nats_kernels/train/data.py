@@ -1,4 +1,5 @@
-"""Embedded synthetic benchmarks: mixtures of Gaussians (design §6), generated, never downloaded."""
+"""Embedded benchmarks (design §6): mixtures of Gaussians, generated, never downloaded; the
+image benchmark ``digits`` lives in ``digits.py``."""
 
 from __future__ import annotations
 
@@ -63,8 +64,20 @@ DATASETS = {
 }
 
 
-def get_dataset(name: str) -> Mixture:
+#: Every benchmark ``--dataset`` accepts: the mixtures above and ``digits``, scikit-learn's
+#: bundled 8x8 handwritten digits (``train/digits.py``, design §6.4).
+BENCHMARKS = (*DATASETS, "digits")
+
+
+def get_dataset(name: str):
+    """The benchmark called ``name``: a :class:`Mixture`, or for ``"digits"`` the
+    ``train.digits.Digits`` images (loaded on first use). A ``ValueError`` for an unknown name."""
+    if name == "digits":
+        from .digits import get_digits
+
+        return get_digits()
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"dataset: unknown {name!r}; expected one of {sorted(DATASETS)}") from None
+        raise ValueError(f"dataset: unknown {name!r}; expected one of {sorted(BENCHMARKS)}") \
+            from None

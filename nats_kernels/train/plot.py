@@ -8,7 +8,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .data import get_dataset
+from .data import DATASETS, get_dataset
+
+
+def image_grid(samples, rows: int = 8, cols: int = 8, side: int = 8, pad: int = 1):
+    """The first ``rows * cols`` flat images of ``samples`` ((n, side * side), values in
+    [-1, 1]) tiled into one greyscale array in [0, 1] (0: the digits' background), ``pad``
+    background pixels between tiles; tiles past ``n`` stay background."""
+    import numpy as np
+
+    x = np.asarray(samples, dtype=np.float64)[: rows * cols].reshape(-1, side, side)
+    x = np.clip((x + 1) / 2, 0, 1)
+    step = side + pad
+    grid = np.zeros((rows * step - pad, cols * step - pad))
+    for k, img in enumerate(x):
+        r, c = divmod(k, cols)
+        grid[r * step:r * step + side, c * step:c * step + side] = img
+    return grid
 
 
 @contextmanager
@@ -40,11 +56,18 @@ def plot_runs(runs: list[dict], path: Path) -> Path:
     fig = plt.figure(figsize=(3.2 * cols, 3.4 * rows))
     try:
         for i, run in enumerate(runs):
-            mixture = get_dataset(run["dataset"])
-            centres = mixture.centres.numpy()
             samples = run["samples"].numpy()
             title = (f"{run['dataset']} {run['loss']} {run['scheme']} s{run['seed']}\n"
                      f"modes {run['modes']}/{run['n_modes']}  hq {run['hq']:.0f}%")
+            if run["dataset"] not in DATASETS:  # digits: 64 generated images, black on white
+                ax = fig.add_subplot(rows, cols, i + 1)
+                ax.imshow(1 - image_grid(samples), cmap="gray", vmin=0, vmax=1,
+                          interpolation="nearest")
+                ax.set_title(title.replace("modes", "classes"), fontsize=8)
+                ax.set_axis_off()
+                continue
+            mixture = get_dataset(run["dataset"])
+            centres = mixture.centres.numpy()
             if mixture.dim == 3:
                 ax = fig.add_subplot(rows, cols, i + 1, projection="3d")
                 ax.scatter(*samples.T, s=2, alpha=0.5, color="tab:blue")

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import _validate, schemes
 from ..ops import annealed_weights
-from .data import get_dataset
+from .data import Mixture, get_dataset
 from .losses import get_loss
 from .metrics import evaluate
 
@@ -46,8 +46,9 @@ class RunConfig:
     steps: int = 2000
     device: str = "cpu"
     batch: int = 512
-    z_dim: int = 2
-    width: int = 256
+    # None: the benchmark's own latent size (2 for the mixtures, as the BRC paper; 32 for digits)
+    z_dim: int | None = None
+    width: int = 256  # the mixtures' MLPs; digits uses its fixed conv networks (design §6.4)
     lr_d: float = 1e-3  # the BRC paper: 1e-4 (see the docstring)
     lr_g: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
@@ -66,6 +67,20 @@ class RunConfig:
     cfg_batch: int = 64
     cfg_x_epochs: int = 10
     eval_samples: int = 512
+    # > 0: also evaluate every eval_every D steps (the record's "curve"), with a generator of
+    # its own, so that the training draws (and the final metrics) are those of a run without it
+    eval_every: int = 0
+
+
+def latent_size(cfg: RunConfig) -> int:
+    """The generator's input size of a run: ``cfg.z_dim``, or the benchmark's own when None."""
+    if cfg.z_dim is not None:
+        return cfg.z_dim
+    if cfg.dataset == "digits":
+        from .digits import DIGITS_Z_DIM
+
+        return DIGITS_Z_DIM
+    return 2
 
 
 def unused_settings(scheme: str) -> tuple[str, ...]:
@@ -74,7 +89,7 @@ def unused_settings(scheme: str) -> tuple[str, ...]:
     has no nesting either."""
     base = parse_scheme(scheme)[0]
     if base == "annealed-cfg":
-        return ("lr_d", "lr_g", "n_d", "nats_weight")
+        return ("lr_d", "lr_g", "betas", "n_d", "nats_weight")
     if base == "cts":
         return ("n_d", "nats_weight")
     if base == "nts":
@@ -102,6 +117,26 @@ def parse_scheme(scheme: str) -> tuple[str, bool, bool]:
 def mlp(d_in: int, d_out: int, width: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, width), nn.LeakyReLU(0.2), nn.Linear(width, width),
                          nn.LeakyReLU(0.2), nn.Linear(width, d_out))
+
+
+def networks(dataset: str, dim: int, z_dim: int, width: int) -> tuple[nn.Module, nn.Module]:
+    """(G, D) of a benchmark, built from the global RNG: the BRC paper's MLPs for the mixtures,
+    the small conv networks of ``digits.make_networks`` for digits (both on flat vectors)."""
+    if dataset == "digits":
+        from .digits import make_networks
+
+        return make_networks(z_dim)
+    return mlp(z_dim, dim, width), mlp(dim, 1, width)
+
+
+def _evaluate(samples, data, real) -> dict:
+    """The metrics of a benchmark: design §6.2 for a mixture (``real(n)`` draws the reference
+    points), §6.4 for digits (against all its images)."""
+    if isinstance(data, Mixture):
+        return evaluate(samples, data, real(samples.shape[0]))
+    from .digits import evaluate_digits
+
+    return evaluate_digits(samples)
 
 
 def check_device(device) -> torch.device:
@@ -170,10 +205,13 @@ def check_config(cfg: RunConfig, world: int = 1) -> tuple[str, bool, bool]:
     if base == "annealed-cfg" and cfg.loss != "vanilla":
         raise ValueError(f"loss: annealed-cfg trains D on CFG's logistic loss (vanilla); "
                          f"{cfg.loss!r} does not apply to it")
-    for name in ("steps", "batch", "n_d", "z_dim", "width", "cfg_M", "cfg_N", "cfg_batch",
+    for name in ("steps", "batch", "n_d", "width", "cfg_M", "cfg_N", "cfg_batch",
                  "cfg_x_epochs"):
         _int_setting(name, getattr(cfg, name), 1)
+    if cfg.z_dim is not None:
+        _int_setting("z_dim", cfg.z_dim, 1)
     _int_setting("eval_samples", cfg.eval_samples, 2)
+    _int_setting("eval_every", cfg.eval_every, 0)
     if not _validate.is_int(cfg.seed, exact=True) or not SEED_MIN <= cfg.seed <= SEED_MAX:
         raise ValueError(f"seed: expected an integer from -2**63 to 2**64 - 2 (torch's seed "
                          f"range, less one: a run also seeds with seed + 1), got {cfg.seed!r}")
@@ -291,40 +329,62 @@ def run(cfg: RunConfig, progress=None) -> dict:
     rank, world = _rank_and_world()
     base, use_aw, use_brc = check_config(cfg, world)
     progress = _with_fail_hook(progress, rank)
-    mixture = get_dataset(cfg.dataset)
+    data = get_dataset(cfg.dataset)
     loss = get_loss(cfg.loss)
     device = _rank_device(cfg.device, world)
     seed = rank_seed(cfg.seed, rank)
+    z_dim = latent_size(cfg)
     torch.manual_seed(cfg.seed)  # the same initial networks on every rank
     gen = torch.Generator(device=device).manual_seed(seed)
-    G = mlp(cfg.z_dim, mixture.dim, cfg.width).to(device)
-    D = mlp(mixture.dim, 1, cfg.width).to(device)
+    G, D = networks(cfg.dataset, data.dim, z_dim, cfg.width)
+    G, D = G.to(device), D.to(device)
     G_dp, D_dp = _data_parallel(G, device, world), _data_parallel(D, device, world)
 
-    def z(n):
-        return torch.randn(n, cfg.z_dim, generator=gen, device=device)
+    def z(n, generator=gen):
+        return torch.randn(n, z_dim, generator=generator, device=device)
 
-    def real(n):
-        return mixture.sample(n, gen, device)
+    def real(n, generator=gen):
+        return data.sample(n, generator, device)
+
+    curve: list[dict] = []
+    checkpoint = None
+    if cfg.eval_every:
+        # its own stream: the training draws are those of a run without a curve
+        eval_gen = torch.Generator(device=device).manual_seed(seed + 2)
+
+        def checkpoint(d_steps, sampler, final=False):
+            # every eval_every D steps (with the generator steps made since) and at the end; a
+            # later call at the same step count replaces the point (nested G steps, the end)
+            if d_steps % cfg.eval_every and not final:
+                return
+            samples = sampler(cfg.eval_samples, eval_gen).detach()
+            point = {"step": d_steps, **_evaluate(samples, data, lambda n: real(n, eval_gen))}
+            if curve and curve[-1]["step"] == d_steps:
+                curve[-1] = point
+            else:
+                curve.append(point)
 
     start = time.perf_counter()
     if base == "annealed-cfg":
         counts, sampler, extra = _run_cfg(cfg, world, seed, G_dp, D_dp, use_aw, z, real,
-                                          progress)
+                                          progress, checkpoint)
     else:
         counts, sampler, extra = _run_nested(cfg, world, seed, base, G, D, G_dp, D_dp, loss,
-                                             use_aw, use_brc, z, real, progress)
+                                             use_aw, use_brc, z, real, progress, checkpoint)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
 
     samples = sampler(cfg.eval_samples).detach()
-    metrics = evaluate(samples, mixture, real(cfg.eval_samples))
+    metrics = _evaluate(samples, data, real)
     record = asdict(cfg)
     record["betas"] = list(cfg.betas)
+    record["z_dim"] = z_dim
     record.update(metrics)
+    if cfg.eval_every:
+        record["curve"] = curve
     record.update(
-        n_modes=mixture.n_modes,
+        n_modes=data.n_modes,
         nproc=world,
         d_steps=counts[0],
         g_steps=counts[1],
@@ -354,7 +414,7 @@ class _CountingAW:
 
 
 def _run_nested(cfg, world, seed, base, G, D, G_dp, D_dp, loss, use_aw, use_brc, z, real,
-                progress):
+                progress, checkpoint=None):
     """``G``, ``D``: the networks; ``G_dp``, ``D_dp``: the same, DDP-wrapped for several
     processes. A forward goes through a wrapper only where a plain ``backward()`` must average
     its gradients over the ranks (D's plain step, G's plain step); AWLoss and BRC average their
@@ -411,6 +471,10 @@ def _run_nested(cfg, world, seed, base, G, D, G_dp, D_dp, loss, use_aw, use_brc,
             F_loss.backward()
         opt_g.step()
 
+    def sampler(n, generator=None):
+        with torch.no_grad():
+            return G(z(n) if generator is None else z(n, generator))
+
     d_steps = g_steps = 0
     while d_steps < cfg.steps:
         for kind, w in schemes.nested_schedule(n_d, weights):
@@ -424,10 +488,10 @@ def _run_nested(cfg, world, seed, base, G, D, G_dp, D_dp, loss, use_aw, use_brc,
             else:
                 g_step(w)
                 g_steps += 1
-
-    def sampler(n):
-        with torch.no_grad():
-            return G(z(n))
+                if checkpoint is not None:
+                    checkpoint(d_steps, sampler)
+    if checkpoint is not None:
+        checkpoint(d_steps, sampler, final=True)
 
     extra = {}
     if aw is not None:
@@ -437,7 +501,7 @@ def _run_nested(cfg, world, seed, base, G, D, G_dp, D_dp, loss, use_aw, use_brc,
     return (d_steps, g_steps), sampler, extra
 
 
-def _run_cfg(cfg, world, seed, G, D, use_aw, z, real, progress):
+def _run_cfg(cfg, world, seed, G, D, use_aw, z, real, progress, checkpoint=None):
     """``G``, ``D``: DDP-wrapped for several processes (AnnealedCFG unwraps them to generate);
     each rank fits its own ``cfg_N // world`` samples in batches of ``cfg_batch // world``."""
     device = next(G.parameters()).device
@@ -445,7 +509,7 @@ def _run_cfg(cfg, world, seed, G, D, use_aw, z, real, progress):
     aw = _CountingAW(D, device) if use_aw else None
     batch, n, n_batch = cfg.batch // world, cfg.cfg_N // world, cfg.cfg_batch // world
     model = schemes.AnnealedCFG(
-        G, D, M=cfg.cfg_M, eta=cfg.cfg_eta, z_dim=cfg.z_dim, lr=cfg.cfg_lr,
+        G, D, M=cfg.cfg_M, eta=cfg.cfg_eta, z_dim=latent_size(cfg), lr=cfg.cfg_lr,
         weights=annealed_weights(cfg.w_first, cfg.w_last, cfg.cfg_M),
         batch_size=n_batch, N=n, x_epochs=cfg.cfg_x_epochs, rng=gen,
         d_backward=aw.backward if aw is not None else None,
@@ -455,6 +519,15 @@ def _run_cfg(cfg, world, seed, G, D, use_aw, z, real, progress):
         while True:
             yield real(batch)
 
+    def sampler(n, generator=None):
+        if generator is None:
+            return model.generate(n)
+        model.rng, training = generator, model.rng  # the latents from ``generator`` instead
+        try:
+            return model.generate(n)
+        finally:
+            model.rng = training
+
     source = real_batches()
     d_steps = g_steps = 0
     while d_steps < cfg.steps:  # whole stages: the budget rounds up to a multiple of M
@@ -463,5 +536,7 @@ def _run_cfg(cfg, world, seed, G, D, use_aw, z, real, progress):
         g_steps += cfg.cfg_x_epochs * -(-n // n_batch)
         if progress is not None:
             progress(cfg.cfg_M)
+        if checkpoint is not None:
+            checkpoint(d_steps, sampler, final=d_steps >= cfg.steps)
     extra = {"aw_case_counts": aw.counts()} if aw is not None else {}
-    return (d_steps, g_steps), model.generate, extra
+    return (d_steps, g_steps), sampler, extra
