@@ -170,9 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     from .train.cli import main as train_main
 
     add_arguments(p_train)
+    p_study = sub.add_parser(
+        "study", help="the papers' protocols over several seeds, beside their published numbers",
+        description="Train every run of the chosen protocols for several seeds (resumable) and "
+                    "write study.md / study.json (mean ± std beside the papers' numbers) and "
+                    "curves-*.png into --out.")
+    from .train import study
+
+    study.add_arguments(p_study)
     args = parser.parse_args(argv)
     if args.command == "train":
         return train_main(args)
+    if args.command == "study":
+        return study.main(args)
     rows = tour(args.device, args.seed)
     _print_tour(rows, args.device)
     worst = max(r["diff"] for r in rows)
