@@ -91,6 +91,12 @@ def test_study_resumes_and_retrains_a_cut_short_file(tmp_path, fake_run, capsys)
     assert study.main(args) == 0
     assert len(fake_run) == 1
     assert "5 already finished" in capsys.readouterr().err
+    log = json.loads((tmp_path / "study" / "invocations.json").read_text())
+    assert [i["trained"] for i in log] == [6, 1]
+    # nothing left to train: the files are written again, the log keeps its two entries
+    assert study.main(args) == 0
+    assert len(json.loads((tmp_path / "study" / "invocations.json").read_text())) == 2
+    assert "2 logged invocation(s)" in (tmp_path / "study" / "study.md").read_text()
 
 
 def test_summary_means_and_verdicts(tmp_path, fake_run):

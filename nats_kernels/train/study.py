@@ -451,13 +451,26 @@ def main(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - started
     summaries = [summarize(p, _records_of(p, args, done)) for p in protocols]
     train_seconds = sum(r["wall_seconds"] for r in done.values())
+    # every invocation that trained something, kept across resumptions
+    log_path = args.out / "invocations.json"
+    try:
+        invocations = json.loads(log_path.read_text())
+    except (OSError, ValueError):
+        invocations = []
+    if todo:
+        invocations.append({"command": _command_line(args), "trained": len(todo),
+                            "wall_seconds": round(wall, 1),
+                            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
+        _write_json(log_path, invocations)
     header = "\n".join([
         "# nats-kernels study", "",
         f"Command: `nats-kernels study {_command_line(args)}`", "",
         f"Machine: {machine()}; torch {_torch_version()}; {len(configs)} runs, "
         f"{sum(1 for _ in done)} finished; {train_seconds / 60:.1f} min of training "
-        f"(sum over runs), this invocation {wall / 60:.1f} min wall "
-        f"(--jobs {args.jobs}).", "",
+        f"(sum over runs); this invocation {wall / 60:.1f} min wall (--jobs {args.jobs}); "
+        f"{len(invocations)} logged invocation(s) that trained runs, "
+        f"{sum(i['wall_seconds'] for i in invocations) / 60:.1f} min wall in all "
+        f"(invocations.json).", "",
         "Mean ± sample std over seeds. modes: modes hit (digits: classes covered); hq: % of "
         "points within 3 std of a mode (digits: % classified with confidence >= 0.9); js: "
         "JS divergence of the mode histogram from uniform (nats); fid: Fréchet distance of the "
