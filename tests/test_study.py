@@ -110,32 +110,46 @@ def test_summary_means_and_verdicts(tmp_path, fake_run):
     assert rows["cts"]["fid"][0] == pytest.approx(1.1)
     assert rows["cts"]["fid"][1] == pytest.approx(0.1)
     claims = {c["metric"]: c for c in summary["claims"]}
-    assert claims["modes"]["improves_here"] and claims["modes"]["verdict"] == "improves here"
+    assert claims["modes"]["direction_here"] == "better"
+    assert claims["modes"]["verdict"] == "better here"
     assert claims["fid"]["paper_elsewhere"][:2] == [22.40, 19.08]
     text = (tmp_path / "study" / "study.md").read_text()
-    assert "| ring8 | vanilla | cts+aw | 3 | 7.0 ± 1.0 / 8 |" in text
-    assert "(x0.55); the paper, on SN-GAN, CIFAR-10 FID: 22.4 -> 19.08 (x0.85)" in text
+    assert "| ring8 | vanilla | cts+aw | 3 | 7.00 ± 1.00 / 8 |" in text
+    assert "(x0.545); the paper, on SN-GAN, CIFAR-10 FID: 22.4 -> 19.08 (x0.85)" in text
     assert (tmp_path / "study" / "curves-aw-ring8.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_published_band_decides_the_verdict():
-    p = study.PROTOCOLS["brc-table2"]
-    rec = lambda scheme, modes, seed: {  # noqa: E731
-        "dataset": "ring8-brc", "loss": "vanilla", "scheme": scheme, "seed": seed,
-        "modes": modes, "n_modes": 8, "hq": 1.0, "js": 0.5, "fid": 1.0,
-        "seconds_per_step": 0.1}
+def _verdict(plain, brc, metric="modes", dataset="ring8-brc"):
+    """The verdict of BRC's claim on ``metric`` for seeds giving ``plain`` / ``brc``."""
+    def rec(scheme, value, seed):
+        r = {"dataset": dataset, "loss": "vanilla", "scheme": scheme, "seed": seed,
+             "modes": 1, "n_modes": 8, "hq": 1.0, "js": 0.5, "fid": 1.0,
+             "seconds_per_step": 0.1}
+        r[metric] = value
+        return r
 
-    def verdict(plain, brc):
-        recs = [rec("cts", m, i) for i, m in enumerate(plain)] + \
-               [rec("cts+brc", m, i) for i, m in enumerate(brc)]
-        claims = study.summarize(p, recs)["claims"]
-        (c,) = [c for c in claims if c["metric"] == "modes"]
-        assert c["paper"] == [3.50, 7.50]
-        return c["verdict"]
+    recs = [rec("cts", v, i) for i, v in enumerate(plain)] + \
+           [rec("cts+brc", v, i) for i, v in enumerate(brc)]
+    claims = study.summarize(study.PROTOCOLS["brc-table2"], recs)["claims"]
+    (c,) = [c for c in claims if c["metric"] == metric and c["dataset"] == dataset]
+    return c
 
-    assert verdict([3, 4], [7, 8]) == "reproduces"  # 7.5 within 7.5 ± 1
-    assert verdict([3, 4], [5, 5]) == "same direction, not the published value"
-    assert verdict([3, 4], [2, 1]) == "does not reproduce"
+
+def test_verdicts_against_published_numbers():
+    assert _verdict([3, 4], [7, 8])["paper"] == [3.50, 7.50]
+    assert _verdict([3, 4], [7, 8])["verdict"] == "reproduces"  # 7.5 within 7.5 ± 1
+    assert _verdict([3, 4], [5, 5])["verdict"] == "same direction (better), not the published value"
+    assert _verdict([3, 4], [2, 1])["verdict"] == "does not reproduce (paper: better; here: worse)"
+    # a change no larger than the seed std (0.71 here) is not a change
+    assert _verdict([3, 4], [4, 4])["verdict"] == (
+        "does not reproduce (paper: better; here within seed noise)")
+    # the paper's BRC made JS on the cube worse (0.48 -> 0.61): lowering it is not reproducing
+    c = _verdict([0.60, 0.60], [0.50, 0.50], metric="js", dataset="cube27-brc")
+    assert c["direction_in_paper"] == "worse" and c["direction_here"] == "better"
+    assert c["verdict"] == "does not reproduce (paper: worse; here: better)"
+    # a diverged run (NaN or huge) is printed, and never counts as an improvement
+    c = _verdict([1.0, 1.2], [float("nan"), float("nan")], metric="fid")
+    assert c["direction_here"] == "same"
 
 
 def test_every_published_number_is_table_2():
