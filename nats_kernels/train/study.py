@@ -485,8 +485,10 @@ def main(args: argparse.Namespace) -> int:
         f"Command: `nats-kernels study {_command_line(args)}`", "",
         f"Machine: {machine()}; torch {_torch_version()}; {len(configs)} runs, "
         f"{sum(1 for _ in done)} finished; {train_seconds / 60:.1f} min of training "
-        f"(sum over runs); this invocation {wall / 60:.1f} min wall (--jobs {args.jobs}); "
-        f"{len(invocations)} logged invocation(s) that trained runs, "
+        f"(sum over runs); "
+        + (f"this invocation {wall / 60:.1f} min wall (--jobs {args.jobs}); " if todo
+           else "this invocation trained nothing; ")
+        + f"{len(invocations)} logged invocation(s) that trained runs, "
         f"{sum(i['wall_seconds'] for i in invocations) / 60:.1f} min wall in all "
         f"(invocations.json).", "",
         "Mean ± sample std over seeds. modes: modes hit (digits: classes covered); hq: % of "
