@@ -322,7 +322,9 @@ def claim_line(c: dict) -> str:
     here 2.33 -> 1.00: does not reproduce'."""
     m = c["metric"]
     def fmt(v):
-        return f"{v:.3f}" if m == "js" else f"{v:.2g}" if abs(v) >= 1e5 else f"{v:.2f}"
+        if m in ("modes", "hq", "js"):
+            return f"{v:.3f}" if m == "js" else f"{v:.2f}"
+        return f"{v:.2g}" if abs(v) >= 1e5 else f"{v:.4g}"
 
     text = (f"{c['dataset']} {c['loss']}, {m}: {c['base']} -> {c['scheme']}: "
             f"here {fmt(c['here'][0])} -> {fmt(c['here'][1])}")
@@ -379,7 +381,7 @@ def plot_curves(protocol: Protocol, records: list[dict], path: Path) -> Path | N
                     ax.set_yscale("log")
                 ax.set_title(f"{d} {lo}: {m.replace('_', ' ')}", fontsize=8)
                 ax.set_xlabel("D steps", fontsize=7)
-                ax.tick_params(labelsize=6)
+                ax.tick_params(which="both", labelsize=6)
                 if j == 0:
                     ax.legend(fontsize=6)
         fig.suptitle(f"{protocol.name}: {protocol.paper}", fontsize=9)
