@@ -390,8 +390,6 @@ def test_train_ctrl_c_keeps_finished_runs_and_exits_130(tmp_path, monkeypatch, c
 
 def test_train_results_json_is_replaced_atomically(tmp_path, monkeypatch):
     """A write that fails midway (disk full, Ctrl-C) leaves the previous results.json whole."""
-    import nats_kernels.train.cli as cli
-
     real_dump, real_dumps = json.dump, json.dumps
 
     def half_dump(obj, fp, **kwargs):
@@ -405,8 +403,9 @@ def test_train_results_json_is_replaced_atomically(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real_dumps(obj, **kwargs)
 
-    monkeypatch.setattr(cli.json, "dump", half_dump)
-    monkeypatch.setattr(cli.json, "dumps", half_dumps)
+    # the json module itself: results.json is written by plot.write_json
+    monkeypatch.setattr(json, "dump", half_dump)
+    monkeypatch.setattr(json, "dumps", half_dumps)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space"):
         _train([*FAST, "--scheme", "cts", "nats", "--out", str(out)])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -309,7 +308,7 @@ def _train_runs(args, configs, rank: int = 0, shared: _Shared | None = None) -> 
                 raise
         return 0
 
-    from .plot import plot_runs, replaced_atomically
+    from .plot import plot_runs, write_json
 
     results, figure = args.out / "results.json", args.out / "samples.png"
     saved: list[dict] = []  # the runs in results.json (with their samples, for the figure)
@@ -368,12 +367,8 @@ def _train_runs(args, configs, rank: int = 0, shared: _Shared | None = None) -> 
                           dynamic_ncols=True) as bar:
                     record = run(cfg, progress=stoppable(bar.update))
             # every finished run goes to disk at once, whole: a later failure cannot lose it
-            with replaced_atomically(results) as tmp, open(tmp, "w") as f:
-                json.dump([{k: v for k, v in r.items() if k != "samples"}
-                           for r in [*saved, record]], f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
+            write_json(results, [{k: v for k, v in r.items() if k != "samples"}
+                                 for r in [*saved, record]])
             saved.append(record)
             draw()
     except KeyboardInterrupt:

@@ -42,6 +42,31 @@ def replaced_atomically(path: Path) -> Iterator[Path]:
         raise
 
 
+def write_json(path: Path, obj, indent: int = 2) -> None:
+    """``obj`` as JSON at ``path``, replaced atomically and synced: a later failure cannot leave
+    a half-written file."""
+    import json
+
+    with replaced_atomically(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Lay out ``fig``, write it to ``path`` (PNG) atomically and close it, also on failure."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        with replaced_atomically(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
 def plot_runs(runs: list[dict], path: Path) -> Path:
     """One panel per run, written to ``path`` (PNG) atomically: an interrupted draw leaves the
     previous figure whole."""
@@ -87,9 +112,7 @@ def plot_runs(runs: list[dict], path: Path) -> Path:
                 ax.set_aspect("equal")
             ax.set_title(title, fontsize=8)
             ax.tick_params(labelsize=6)
-        fig.tight_layout()
-        with replaced_atomically(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return save_figure(fig, path, dpi=110)

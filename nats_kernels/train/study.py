@@ -24,14 +24,14 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .plot import replaced_atomically
+from .cli import _cpus
+from .plot import save_figure, write_json
 from .runner import RunConfig, check_config, run
 
 
@@ -149,13 +149,6 @@ def run_key(cfg: RunConfig) -> str:
     return f"{cfg.dataset}-{cfg.loss}-{cfg.scheme.replace('+', '_')}-s{cfg.seed}-{digest}"
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def machine() -> str:
     """The CPU's model name (Linux), else ``platform.processor()``, and the core count."""
     name = platform.processor() or platform.machine()
@@ -170,12 +163,6 @@ def machine() -> str:
     return f"{name}, {_cpus()} cores"
 
 
-def _write_json(path: Path, obj) -> None:
-    with replaced_atomically(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-
-
 def _train_one(cfg: RunConfig, path: Path, threads: int | None) -> dict:
     """One run, its record (no samples) written to ``path``: in a worker process or here."""
     import torch
@@ -186,7 +173,7 @@ def _train_one(cfg: RunConfig, path: Path, threads: int | None) -> dict:
     record.pop("samples", None)
     record["threads"] = torch.get_num_threads()
     record["key"] = path.stem
-    _write_json(path, record)
+    write_json(path, record, indent=1)
     return record
 
 
@@ -385,12 +372,10 @@ def plot_curves(protocol: Protocol, records: list[dict], path: Path) -> Path | N
                 if j == 0:
                     ax.legend(fontsize=6)
         fig.suptitle(f"{protocol.name}: {protocol.paper}", fontsize=9)
-        fig.tight_layout()
-        with replaced_atomically(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return save_figure(fig, path, dpi=100)
 
 
 # ---------------------------------------------------------------------------------- command
@@ -423,23 +408,25 @@ def plan(args) -> tuple[list[Protocol], list[RunConfig]]:
         if getattr(args, name) < minimum:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= {minimum}, "
                              f"got {getattr(args, name)}")
-    base = RunConfig(steps=args.steps, device=args.device, eval_every=args.eval_every,
-                     eval_samples=args.eval_samples)
     protocols = [PROTOCOLS[n] for n in dict.fromkeys(args.protocol)]
     configs: dict[str, RunConfig] = {}
     for p in protocols:
-        for cfg in p.configs(base, range(args.seeds)):
+        for cfg in p.configs(_base_config(args), range(args.seeds)):
             configs.setdefault(run_key(cfg), cfg)
     for cfg in configs.values():
         check_config(cfg)
     return protocols, list(configs.values())
 
 
-def _records_of(protocol: Protocol, args, done: dict[str, dict]) -> list[dict]:
-    base = RunConfig(steps=args.steps, device=args.device, eval_every=args.eval_every,
+def _base_config(args) -> RunConfig:
+    """The settings every run of the command shares, before a protocol's own."""
+    return RunConfig(steps=args.steps, device=args.device, eval_every=args.eval_every,
                      eval_samples=args.eval_samples)
-    return [done[k] for k in (run_key(c) for c in protocol.configs(base, range(args.seeds)))
-            if k in done]
+
+
+def _records_of(protocol: Protocol, args, done: dict[str, dict]) -> list[dict]:
+    configs = protocol.configs(_base_config(args), range(args.seeds))
+    return [done[k] for k in map(run_key, configs) if k in done]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -481,7 +468,7 @@ def main(args: argparse.Namespace) -> int:
         invocations.append({"command": _command_line(args), "trained": len(todo),
                             "wall_seconds": round(wall, 1),
                             "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
-        _write_json(log_path, invocations)
+        write_json(log_path, invocations, indent=1)
     header = "\n".join([
         "# nats-kernels study", "",
         f"Command: `nats-kernels study {_command_line(args)}`", "",
@@ -501,8 +488,9 @@ def main(args: argparse.Namespace) -> int:
         "a table. A change counts only when it exceeds the larger seed std of the two rows. "
         "s/step: wall time per D step as the runs shared the machine (not a benchmark)."])
     (args.out / "study.md").write_text(markdown(summaries, header))
-    _write_json(args.out / "study.json", {"command": _command_line(args), "machine": machine(),
-                                          "wall_seconds": wall, "summaries": summaries})
+    write_json(args.out / "study.json", {"command": _command_line(args), "machine": machine(),
+                                         "wall_seconds": wall, "summaries": summaries},
+               indent=1)
     for p in protocols:
         plot_curves(p, _records_of(p, args, done), args.out / f"curves-{p.name}.png")
     print(markdown(summaries, header))
