@@ -262,16 +262,19 @@ def _claim(protocol, d, lo, base, new, metric, a, b) -> dict:
     return out
 
 
+def _spec(metric: str, magnitude: float) -> str:
+    """The format of a metric's numbers in study.md (tables and claims alike)."""
+    if metric in ("modes", "hq", "js"):
+        return {"modes": ".2f", "hq": ".1f", "js": ".3f"}[metric]
+    return ".2g" if magnitude >= 1e5 else ".2f" if magnitude >= 10 else ".4f"  # 1e5: diverged
+
+
 def _fmt(mean_std, metric: str) -> str:
     if mean_std is None:
         return "-"
     m, s = mean_std
-    if metric not in ("modes", "hq", "js") and abs(m) >= 1e5:  # a diverged generator
-        return f"{m:.2g} ± {s:.2g}" if s is not None else f"{m:.2g}"
-    digits = 2 if metric == "modes" else 1 if metric == "hq" else 3 if metric == "js" else 4
-    if metric not in ("modes", "hq", "js") and abs(m) >= 10:
-        digits = 2
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
+    spec = _spec(metric, abs(m))
+    return f"{m:{spec}} ± {s:{spec}}" if s is not None else f"{m:{spec}}"
 
 
 def markdown(summaries: list[dict], header: str) -> str:
@@ -308,10 +311,9 @@ def claim_line(c: dict) -> str:
     """One claim in words, e.g. 'ring8-brc vanilla, modes: cts -> cts+brc: paper 3.50 -> 7.50,
     here 2.33 -> 1.00: does not reproduce'."""
     m = c["metric"]
+
     def fmt(v):
-        if m in ("modes", "hq", "js"):
-            return f"{v:.3f}" if m == "js" else f"{v:.2f}"
-        return f"{v:.2g}" if abs(v) >= 1e5 else f"{v:.4g}"
+        return format(v, _spec(m, abs(v)))
 
     text = (f"{c['dataset']} {c['loss']}, {m}: {c['base']} -> {c['scheme']}: "
             f"here {fmt(c['here'][0])} -> {fmt(c['here'][1])}")
