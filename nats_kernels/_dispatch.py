@@ -8,6 +8,12 @@ of them implements, and the ``NATS_KERNELS_BACKEND`` override
 
 Backends register their kernels with :func:`register`; a backend that could not be loaded
 records why with :func:`mark_unavailable`, which :func:`backends` reports.
+
+The per-call cost (design §8.1): :func:`route` is :func:`kernel` with its answer cached (the
+key holds everything the answer depends on, the environment variables included, so setting
+``NATS_KERNELS_BACKEND`` between two calls still takes effect), and :func:`eager` says when a
+public op may call that kernel directly instead of going through its ``torch.library`` custom
+op, whose Python wrapper costs several times a small kernel.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ def register(backend: str, op: str) -> Callable[[Callable], Callable]:
 
     def deco(fn: Callable) -> Callable:
         _kernels[backend][op] = fn
+        _routes.clear()
         return fn
 
     return deco
@@ -61,6 +68,7 @@ def register(backend: str, op: str) -> Callable[[Callable], Callable]:
 def mark_unavailable(backend: str, reason: str) -> None:
     """Record that ``backend`` cannot run here, and why (shown by :func:`backends`)."""
     _unavailable[backend] = reason
+    _routes.clear()
 
 
 def _device_ok(backend: str, device: torch.device) -> bool:
@@ -117,6 +125,44 @@ def kernel(op: str, device: torch.device) -> Callable:
                 stacklevel=3,
             )
     return _kernels["reference"][op]
+
+
+_routes: dict[tuple, Callable] = {}
+
+
+def route(op: str, device: torch.device) -> Callable:
+    """:func:`kernel`, cached. The key is everything the decision reads: the op, the device type,
+    ``NATS_KERNELS_BACKEND`` (and ``TRITON_INTERPRET`` when it asks for triton) as set now, the
+    registry objects
+    themselves (a test that swaps them for copies gets a fresh decision, and the old one back
+    when it restores them). An invalid override raises on every call (nothing is cached)."""
+    want = os.environ.get(ENV_VAR)
+    # TRITON_INTERPRET decides only whether a forced triton runs CPU tensors (auto never picks
+    # triton for them; whether triton loaded at all is in _unavailable).
+    interp = os.environ.get("TRITON_INTERPRET") if want and "triton" in want.lower() else None
+    key = (op, device.type, want, interp, id(_kernels), id(_unavailable), requested_backend)
+    fn = _routes.get(key)
+    if fn is None:
+        fn = kernel(op, device)
+        _routes[key] = fn
+    return fn
+
+
+def eager(first: torch.Tensor, tensors=()) -> bool:
+    """Whether a validated public call may run its kernel directly, without the custom op.
+
+    True for plain ``torch.Tensor`` inputs outside ``torch.compile``'s tracing (fake and
+    functional tensors, and tracing, need the custom op's registrations) when autograd has
+    nothing to record: grad mode off, or no input requires grad. Otherwise the custom op runs,
+    with its autograd behaviour. ``first`` is checked for its type (the others share its kind);
+    ``first`` and ``tensors`` (None entries allowed) for ``requires_grad``.
+    """
+    if type(first) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (first.requires_grad
+                or any(t is not None and t.requires_grad for t in tensors))
 
 
 def backend_name(op: str, device: torch.device | str) -> str:

@@ -23,8 +23,8 @@ def _register_ext(backend: str, dispatch_key: str) -> None:
     except _compat.PrivateAPIError as e:
         _dispatch.mark_unavailable(backend, str(e))
         return
-    for op in ops:
-        _dispatch.register(backend, op)(getattr(torch.ops.nats_kernels_ext, op))
+    for op in ops:  # the OpOverload itself: calling it skips the packet's overload resolution
+        _dispatch.register(backend, op)(getattr(torch.ops.nats_kernels_ext, op).default)
 
 
 def _unbuilt_checkout_hint(here: str = os.path.dirname(os.path.abspath(__file__))) -> str:

@@ -51,6 +51,8 @@ def same_dtype(name: str, t: torch.Tensor, dtype: torch.dtype, like: str) -> Non
 
 def no_internal_overlap(name: str, t: torch.Tensor) -> None:
     # What at::has_internal_overlap can decide cheaply: a stride-0 dim of size > 1 (expand).
+    if t.is_contiguous():
+        return
     if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
         raise ValueError(f"{name} is written in place but has overlapping memory (e.g. expanded)")
 
@@ -127,11 +129,39 @@ def tensor_list(name: str, seq, *, min_len: int = 1) -> list[torch.Tensor]:
     return out
 
 
+def _agreeing_lists(lists: Sequence) -> tuple[list[list[torch.Tensor]], torch.device,
+                                               torch.dtype] | None:
+    """The common case of :func:`paired_lists` in one pass (design §8.1): lists or tuples of equal
+    non-zero length holding floating tensors with one device, one dtype and equal shapes position
+    by position. Returns what :func:`paired_lists` returns, or None for anything else (which the
+    full check then examines and names)."""
+    if not all(type(seq) is list or type(seq) is tuple for seq in lists):
+        return None
+    first = lists[0]
+    n = len(first)
+    if n == 0 or any(len(seq) != n for seq in lists):
+        return None
+    t0 = first[0]
+    if not isinstance(t0, torch.Tensor) or t0.dtype not in FLOATING:
+        return None
+    device, dtype = t0.device, t0.dtype
+    if not all(isinstance(t, torch.Tensor) and t.dtype is dtype and t.device == device
+               for seq in lists for t in seq):
+        return None
+    shapes = [t.shape for t in first]
+    if not all(t.shape == sh for seq in lists[1:] for t, sh in zip(seq, shapes)):
+        return None
+    return [seq if type(seq) is list else list(seq) for seq in lists], device, dtype
+
+
 def paired_lists(
     names: Sequence[str], lists: Sequence
 ) -> tuple[list[list[torch.Tensor]], torch.device, torch.dtype]:
     """Check lists of tensors that run side by side: equal lengths, equal shapes position by
     position, one device and one dtype for all of them. Returns the lists, device and dtype."""
+    fast = _agreeing_lists(lists)
+    if fast is not None:
+        return fast
     checked = [tensor_list(n, seq) for n, seq in zip(names, lists)]
     first = checked[0]
     device, dtype = first[0].device, first[0].dtype

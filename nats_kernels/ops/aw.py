@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import itertools
+
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
+from .. import _dispatch
 from .. import _validate as v
-from .._dispatch import kernel
 
 
 @torch.library.custom_op("nats_kernels::multi_dot", mutates_args=())
 def _multi_dot_op(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return kernel("multi_dot", a[0].device)(a, b)
+    return _dispatch.route("multi_dot", a[0].device)(a, b)
 
 
 @_multi_dot_op.register_fake
@@ -32,7 +35,7 @@ def _aw_weights_op(
     delta: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return kernel("aw_weights", dots.device)(
+    return _dispatch.route("aw_weights", dots.device)(
         dots, real_logits, fake_logits, normalized, alpha1, alpha2, delta, eps
     )
 
@@ -46,7 +49,7 @@ def _(dots, real_logits, fake_logits, normalized, alpha1, alpha2, delta, eps):
 def _aw_combine_op(
     out: list[Tensor], g_r: list[Tensor], g_f: list[Tensor], w_r: Tensor, w_f: Tensor
 ) -> None:
-    kernel("aw_combine_", out[0].device)(out, g_r, g_f, w_r, w_f)
+    _dispatch.route("aw_combine_", out[0].device)(out, g_r, g_f, w_r, w_f)
 
 
 _aw_combine_op.register_fake(lambda *args: None)
@@ -68,7 +71,9 @@ def multi_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
         TypeError: not lists of floating tensors, mixed dtypes.
         ValueError: empty lists, different lengths or shapes, different devices.
     """
-    (a, b), _, _ = v.paired_lists(("a", "b"), (a, b))
+    (a, b), device, _ = v.paired_lists(("a", "b"), (a, b))
+    if _dispatch.eager(a[0], itertools.chain(a, b)):  # design §8.1: no custom-op hop
+        return _dispatch.route("multi_dot", device)(a, b)
     return _multi_dot_op(a, b)
 
 
@@ -124,6 +129,9 @@ def aw_weights(
     hyper = [v.finite(n, x, dtype=acc)
              for n, x in (("alpha1", alpha1), ("alpha2", alpha2), ("delta", delta))]
     hyper.append(v.finite("eps", eps, minimum=0.0, dtype=acc))
+    if _dispatch.eager(dots, (real_logits, fake_logits)):  # design §8.1: no custom-op hop
+        return _dispatch.route("aw_weights", dots.device)(
+            dots, real_logits, fake_logits, normalized, *hyper)
     return _aw_weights_op(dots, real_logits, fake_logits, normalized, *hyper)
 
 
@@ -164,4 +172,8 @@ def aw_combine_(
     w_r = v.scalar("w_r", w_r, device, acc)
     w_f = v.scalar("w_f", w_f, device, acc)
     v.disjoint_outputs("out", out)
-    _aw_combine_op(out, g_r, g_f, w_r, w_f)
+    if _dispatch.eager(out[0], itertools.chain(out, g_r, g_f, (w_r, w_f))):  # design §8.1
+        _dispatch.route("aw_combine_", device)(out, g_r, g_f, w_r, w_f)
+        increment_version(out)
+    else:
+        _aw_combine_op(out, g_r, g_f, w_r, w_f)

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
+from .. import _dispatch
 from .. import _validate as v
 from .._dispatch import kernel
 
@@ -31,7 +33,7 @@ def _(first, last, M, device, dtype):
 def _cfg_accumulate_op(
     x0: Tensor, grads: Tensor, weights: Tensor, eta: float, scale: Tensor | None, out: Tensor
 ) -> None:
-    kernel("cfg_accumulate", x0.device)(x0, grads, weights, eta, scale, out)
+    _dispatch.route("cfg_accumulate", x0.device)(x0, grads, weights, eta, scale, out)
 
 
 @torch.library.custom_op("nats_kernels::cfg_accumulate_list", mutates_args=("out",))
@@ -43,12 +45,12 @@ def _cfg_accumulate_list_op(
     scale: Tensor | None,
     out: Tensor,
 ) -> None:
-    kernel("cfg_accumulate_list", x0.device)(x0, grads, weights, eta, scale, out)
+    _dispatch.route("cfg_accumulate_list", x0.device)(x0, grads, weights, eta, scale, out)
 
 
 @torch.library.custom_op("nats_kernels::cfg_step_", mutates_args=("x",))
 def _cfg_step_op(x: Tensor, grad: Tensor, weight: Tensor, eta: float, scale: Tensor | None) -> None:
-    kernel("cfg_step_", x.device)(x, grad, weight, eta, scale)
+    _dispatch.route("cfg_step_", x.device)(x, grad, weight, eta, scale)
 
 
 for _op in (_cfg_accumulate_op, _cfg_accumulate_list_op, _cfg_step_op):
@@ -186,7 +188,7 @@ def cfg_accumulate(
         v.same_device(device, grads=grads)
         v.same_dtype("grads", grads, x0.dtype, "x0")
         v.shape("grads", grads, (M, *x0.shape))
-        op = _cfg_accumulate_op
+        name, op, listed = "cfg_accumulate", _cfg_accumulate_op, (grads,)
     else:
         grads = v.tensor_list("grads", grads)
         if len(grads) != M:
@@ -195,7 +197,7 @@ def cfg_accumulate(
             v.same_device(device, **{f"grads[{i}]": g})
             v.same_dtype(f"grads[{i}]", g, x0.dtype, "x0")
             v.shape(f"grads[{i}]", g, x0.shape)
-        op = _cfg_accumulate_list_op
+        name, op, listed = "cfg_accumulate_list", _cfg_accumulate_list_op, grads
     _check_scale(scale, x0, "x0", (M,))
     eta, weights = _fold_eta(eta, weights, v.acc_dtype(x0.dtype))
     if out is None:
@@ -207,7 +209,11 @@ def cfg_accumulate(
         v.shape("out", out, x0.shape)
         v.no_internal_overlap("out", out)
         v.out_arg("out", out)
-    op(x0, grads, weights, eta, scale, out)
+    if _dispatch.eager(x0, (weights, scale, *listed)):  # design §8.1: no custom-op hop
+        _dispatch.route(name, device)(x0, grads, weights, eta, scale, out)
+        increment_version(out)
+    else:
+        op(x0, grads, weights, eta, scale, out)
     return out
 
 
@@ -251,5 +257,9 @@ def cfg_step_(
     _check_scale(scale, x, "x", ())
     weight = v.scalar("weight", weight, device, v.acc_dtype(x.dtype))
     eta, weight = _fold_eta(eta, weight, v.acc_dtype(x.dtype))
-    _cfg_step_op(x, grad, weight, eta, scale)
+    if _dispatch.eager(x, (grad, weight, scale)):  # design §8.1: no custom-op hop
+        _dispatch.route("cfg_step_", device)(x, grad, weight, eta, scale)
+        increment_version(x)
+    else:
+        _cfg_step_op(x, grad, weight, eta, scale)
     return x

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import itertools
+
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
+from .. import _dispatch
 from .. import _validate as v
-from .._dispatch import kernel
 
 
 @torch.library.custom_op("nats_kernels::iga_ratio", mutates_args=())
 def _iga_ratio_op(gf: list[Tensor], gF: list[Tensor], eps: float) -> Tensor:
-    return kernel("iga_ratio", gf[0].device)(gf, gF, eps)
+    return _dispatch.route("iga_ratio", gf[0].device)(gf, gF, eps)
 
 
 @_iga_ratio_op.register_fake
@@ -23,7 +26,7 @@ def _(gf, gF, eps):
 
 @torch.library.custom_op("nats_kernels::iga_correction_", mutates_args=("g",))
 def _iga_correction_op(g: list[Tensor], gf: list[Tensor], r: Tensor) -> None:
-    kernel("iga_correction_", g[0].device)(g, gf, r)
+    _dispatch.route("iga_correction_", g[0].device)(g, gf, r)
 
 
 _iga_correction_op.register_fake(lambda *args: None)
@@ -46,8 +49,11 @@ def iga_ratio(gf_D: Sequence[Tensor], gF_D: Sequence[Tensor], eps: float = 1e-12
         TypeError / ValueError as :func:`nats_kernels.multi_dot`; ValueError for a negative or
         non-finite eps.
     """
-    (gf_D, gF_D), _, _ = v.paired_lists(("gf_D", "gF_D"), (gf_D, gF_D))
-    return _iga_ratio_op(gf_D, gF_D, v.nonnegative("eps", eps))
+    (gf_D, gF_D), device, _ = v.paired_lists(("gf_D", "gF_D"), (gf_D, gF_D))
+    eps = v.nonnegative("eps", eps)
+    if _dispatch.eager(gf_D[0], itertools.chain(gf_D, gF_D)):  # design §8.1: no custom-op hop
+        return _dispatch.route("iga_ratio", device)(gf_D, gF_D, eps)
+    return _iga_ratio_op(gf_D, gF_D, eps)
 
 
 def iga_correction_(g_G: Sequence[Tensor], gf_G: Sequence[Tensor], r: float | Tensor) -> None:
@@ -77,4 +83,8 @@ def iga_correction_(g_G: Sequence[Tensor], gf_G: Sequence[Tensor], r: float | Te
     v.inplace_list("g_G", g_G)
     r = v.scalar("r", r, device, v.acc_dtype(dtype))
     v.disjoint_outputs("g_G", g_G)
-    _iga_correction_op(g_G, gf_G, r)
+    if _dispatch.eager(g_G[0], itertools.chain(g_G, gf_G, (r,))):  # design §8.1
+        _dispatch.route("iga_correction_", device)(g_G, gf_G, r)
+        increment_version(g_G)
+    else:
+        _iga_correction_op(g_G, gf_G, r)

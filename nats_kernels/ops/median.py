@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from .. import _dispatch
 from .. import _validate as v
-from .._dispatch import kernel
 
 #: Workspace the median may use by default for distance tiles and kept keys, in bytes (the
 #: centred work copy of the inputs and the (B, 65536) histograms come on top).
@@ -19,7 +19,7 @@ MAX_MEMORY_BUDGET = 2**63 - 1
 
 @torch.library.custom_op("nats_kernels::median_pairwise_distance", mutates_args=())
 def _median_op(x: Tensor, y: Tensor | None, squared: bool, memory_budget: int) -> Tensor:
-    return kernel("median_pairwise_distance", x.device)(x, y, squared, memory_budget)
+    return _dispatch.route("median_pairwise_distance", x.device)(x, y, squared, memory_budget)
 
 
 @_median_op.register_fake
@@ -109,5 +109,9 @@ def median_pairwise_distance(
             raise ValueError(f"x and y must each hold at least 1 sample, got N = {n}, M = {m}")
         yb = y.reshape(batch, m, d)
     memory_budget = check_memory_budget(memory_budget)
-    result = _median_op(xb, yb, squared, memory_budget)
+    if _dispatch.eager(xb, (yb,)):  # design §8.1: no custom-op hop
+        result = _dispatch.route("median_pairwise_distance", x.device)(
+            xb, yb, squared, memory_budget)
+    else:
+        result = _median_op(xb, yb, squared, memory_budget)
     return result if batched else result[0]

@@ -1,0 +1,124 @@
+"""The eager fast path of the public ops (design §8.1): a validated call runs its backend's
+kernel directly, without the ``torch.library`` custom op, when nothing needs the custom op
+(plain tensors, no tracing, nothing for autograd to record); otherwise the custom op runs.
+The cached backend decision still follows ``NATS_KERNELS_BACKEND`` set between calls, and the
+direct path bumps the version counter of what it writes, as PyTorch's in-place ops do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import nats_kernels as nk
+from nats_kernels import _dispatch
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher's Python modes."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _lists(n=3, size=5):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(size, generator=g) for _ in range(n)]
+
+
+def _calls():
+    """Each public op with small inputs: name -> zero-argument call."""
+    a, b, out = _lists(), _lists(), _lists()
+    x, g = torch.randn(4, 3), torch.randn(4, 3)
+    return {
+        "multi_dot": lambda: nk.multi_dot(a, b),
+        "iga_ratio": lambda: nk.iga_ratio(a, b),
+        "iga_correction_": lambda: nk.iga_correction_(out, b, 0.1),
+        "aw_combine_": lambda: nk.aw_combine_(out, a, b, 0.5, 0.5),
+        "aw_weights": lambda: nk.aw_weights(torch.tensor([1.0, 2.0, 0.5]), torch.randn(4),
+                                            torch.randn(4)),
+        "cfg_step_": lambda: nk.cfg_step_(x, g, 0.5, eta=0.1),
+        "cfg_accumulate": lambda: nk.cfg_accumulate(x, torch.randn(2, 4, 3), torch.ones(2)),
+        "cfg_accumulate_list": lambda: nk.cfg_accumulate(x, [g, g], torch.ones(2)),
+        "median_pairwise_distance": lambda: nk.median_pairwise_distance(torch.randn(6, 2)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_calls()))
+def test_eager_call_skips_the_custom_op(name, monkeypatch):
+    monkeypatch.delenv("NATS_KERNELS_BACKEND", raising=False)
+    call = _calls()[name]
+    with OpLog() as log:
+        call()
+    assert not any(n.startswith("nats_kernels.") for n in log.names), log.names
+    assert f"nats_kernels_ext.{name}.default" in log.names, log.names
+
+
+def test_inputs_that_require_grad_take_the_custom_op(monkeypatch):
+    monkeypatch.delenv("NATS_KERNELS_BACKEND", raising=False)
+    a = [t.requires_grad_() for t in _lists()]
+    b = _lists()
+    with OpLog() as log:
+        nk.multi_dot(a, b)
+    assert log.names[0] == "nats_kernels.multi_dot.default", log.names
+    with torch.no_grad(), OpLog() as log:  # grad mode off: nothing to record, direct again
+        nk.multi_dot(a, b)
+    assert "nats_kernels.multi_dot.default" not in log.names, log.names
+
+
+def test_backend_set_between_calls_takes_effect(monkeypatch):
+    a, b = _lists(), _lists()
+    monkeypatch.delenv("NATS_KERNELS_BACKEND", raising=False)
+    with OpLog() as log:
+        first = nk.multi_dot(a, b)
+    assert "nats_kernels_ext.multi_dot.default" in log.names
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", "reference")
+    with OpLog() as log:
+        second = nk.multi_dot(a, b)
+    assert not any("nats_kernels_ext" in n for n in log.names), log.names
+    assert _dispatch.route("multi_dot", torch.device("cpu")) is \
+        _dispatch._kernels["reference"]["multi_dot"]
+    torch.testing.assert_close(first, second)
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        nk.multi_dot(a, b)
+    with pytest.raises(ValueError, match="nonsense"):  # an invalid value is never cached
+        nk.multi_dot(a, b)
+
+
+def _saved_for_backward(t: torch.Tensor):
+    """A graph that saved ``t`` (which does not require grad itself) for its backward."""
+    w = torch.ones((), requires_grad=True)
+    return (w * t).sum() if not isinstance(t, list) else sum((w * u).sum() for u in t)
+
+
+@pytest.mark.parametrize("op", ["cfg_step_", "cfg_accumulate", "aw_combine_", "iga_correction_"])
+def test_direct_writes_bump_the_version_counter(op, monkeypatch):
+    """Written on the direct path, a tensor saved by another graph makes that graph's backward
+    raise, exactly as after ``x.add_(...)``."""
+    monkeypatch.delenv("NATS_KERNELS_BACKEND", raising=False)
+    x, g = torch.randn(4, 3), torch.randn(4, 3)
+    outs, b = _lists(), _lists()
+    written = {"cfg_step_": x, "cfg_accumulate": x, "aw_combine_": outs,
+               "iga_correction_": outs}[op]
+    loss = _saved_for_backward(written)
+    before = [t._version for t in (written if isinstance(written, list) else [written])]
+    with OpLog() as log:
+        if op == "cfg_step_":
+            nk.cfg_step_(x, g, 0.5)
+        elif op == "cfg_accumulate":
+            nk.cfg_accumulate(g, [g], torch.ones(1), out=x)
+        elif op == "aw_combine_":
+            nk.aw_combine_(outs, outs, b, 0.5, 0.5)
+        else:
+            nk.iga_correction_(outs, b, 0.5)
+    assert not any(n.startswith("nats_kernels.") for n in log.names)  # the direct path ran
+    after = [t._version for t in (written if isinstance(written, list) else [written])]
+    assert all(a > bv for a, bv in zip(after, before)), (before, after)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
