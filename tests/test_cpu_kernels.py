@@ -305,6 +305,57 @@ def test_median_bit_identical_across_thread_counts(d, monkeypatch, threads):
         assert same_bits(a, b), (a, b)
 
 
+@pytest.mark.parametrize("d", [3, 40])  # the direct form (d <= 16) and the GEMM form
+@pytest.mark.parametrize("cross", [False, True], ids=["pairwise", "cross"])
+def test_median_small_problems_in_parallel(d, cross, monkeypatch, threads):
+    """A batch of small problems (every key kept) runs one problem per thread under a pool of 2
+    threads (median_cpu.cpp's by_problem), problem after problem with 1 thread, and a problem
+    alone (B = 1) never by problem: all three give each problem the same bits. Random float32
+    data, where the tile shape decides the rounding: one tile per problem (default budget) and
+    dozens (a 100 kB budget: 19 x 19 tiles, diagonal ones included); each problem scaled
+    differently and one of them NaN, so that a result written to another problem's slot or
+    state shared between the threads shows. Lattice data: each result is the exact squared
+    median (one of the computed distances, the lower one of an even count)."""
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", "cpu")
+    batch, n, m = 6, 120, 90  # 7140 (10800) pairs per problem: kept whole even at 100 kB
+    scale = torch.arange(1, batch + 1, dtype=torch.float32).view(batch, 1, 1)
+    x = make((batch, n, d), torch.float32, seed=31) * scale
+    x[3, 17, 1] = math.nan
+    y = make((batch, m, d), torch.float32, seed=32) * scale if cross else None
+    lat_x = torch.stack([lattice_points(n, d, 6, torch.float32, seed=40 + i) for i in range(batch)])
+    lat_y = (torch.stack([lattice_points(m, d, 6, torch.float32, seed=50 + i)
+                          for i in range(batch)]) if cross else None)
+    want = [exact_sq_median(lat_x[i], None if lat_y is None else lat_y[i]) for i in range(batch)]
+
+    def alone(fn, xs, ys):
+        return torch.stack([fn(xs[i], None if ys is None else ys[i]) for i in range(batch)])
+
+    runs = []
+    for n_threads in (1, 2):
+        torch.set_num_threads(n_threads)
+        run = []
+        for budget in (None, 100_000):
+            got, paths = ran_paths(lambda: nk.median_pairwise_distance(
+                x, y, batched=True, memory_budget=budget))
+            assert paths == [batch - 1, 0], (n_threads, budget, paths)  # the NaN one: no path
+            assert torch.isnan(got[3]) and not torch.isnan(got[torch.arange(batch) != 3]).any()
+            single = alone(lambda a, b: nk.median_pairwise_distance(a, b, memory_budget=budget),
+                           x, y)
+            assert same_bits(got, single), (n_threads, budget, got, single)
+            run.append(got)
+            got = nk.median_pairwise_distance(lat_x, lat_y, batched=True, squared=True,
+                                              memory_budget=budget)
+            assert got.tolist() == want, (n_threads, budget, got, want)
+        runs.append(run)
+    torch.set_num_threads(1)
+    # Unbatched with 1 thread: the path the batched one replaces, problem by problem.
+    reference = alone(lambda a, b: nk.median_pairwise_distance(a, b), x, y)
+    for a, b in zip(*runs):
+        assert same_bits(a, b), (a, b)
+    assert same_bits(runs[1][0], reference)
+    threads()
+
+
 @pytest.mark.slow
 def test_median_more_than_2_31_pairs(monkeypatch):
     """65537 points 0, 1, ..., 65536 on a line: 2,147,516,416 pairs (> 2^31), distances |i - j|

@@ -29,14 +29,22 @@
 //    median_path_counts() reports how many problems each path solved.
 // 4. Scale back by the power of two (squared, or after the square root).
 //
-// Parallelism: one parallel region per pass over whole tiles (see for_each_tile).
+// Parallelism: by default the problems of a batch run one after another, each with one parallel
+// region per pass over its whole tiles (see for_each_tile). A batch of small problems instead
+// runs its problems in parallel, one problem per thread with its tiles in sequence on that thread
+// (see by_problem): problems that keep every key (at most kKeepAll pairs, and the keys of as many
+// problems as threads within the kept-key quarter of the budget), when that takes no more rounds
+// of tile work than sharing each problem's tiles out. A problem's result is the same bits either
+// way: its tiles, keys and selection path do not depend on the thread computing them.
 // Memory: one tile per thread (1/64 of the budget each, at most kTileMax^2 values), the kept
 // keys (at most a quarter of memory_budget; with vector growth and the final gather at most 3/4
-// of it), per-thread histograms in the fallback, the sample, plus the scaled and centred copies
-// of the inputs. A problem with NaN or Inf in its input returns NaN without computing distances
-// (a distance with a non-finite coordinate is undefined), as the reference's result is.
+// of it, for the problems in flight together), per-thread histograms in the fallback, the sample,
+// plus the scaled and centred copies of the inputs (of every problem in flight). A problem with
+// NaN or Inf in its input returns NaN without computing distances (a distance with a non-finite
+// coordinate is undefined), as the reference's result is.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -68,6 +76,28 @@ constexpr int64_t kBins = int64_t{1} << kDigitBits;
 // How many problems each selection path finished (for tests and profiling; see
 // median_path_counts): [0] the window pass, [1] the radix fallback.
 std::atomic<int64_t> g_path_counts[2] = {{0}, {0}};
+
+// Threads that may run a pass's rows at once, i.e. the per-thread states a pass needs: the pool,
+// or 1 inside a parallel region (a problem solved on one thread of the by-problem loop, where
+// for_each_tile's at::parallel_for runs inline as thread 0).
+inline int pass_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
+// Side of the distance tiles for an (n, m) problem under memory_budget, elem_bytes per value:
+// each thread holds one tile of 1/64 of the budget, so that up to 16 threads' tiles take a
+// quarter of it. The side depends on the budget and shapes only, never on the thread count or on
+// how problems are shared out, so tiles (and results) are the same whatever the parallelism.
+inline int64_t tile_side(int64_t memory_budget, int64_t elem_bytes, int64_t n, int64_t m) {
+  const int64_t tile_budget = std::max<int64_t>(1, memory_budget / 64 / elem_bytes);
+  int64_t side = 1;
+  while ((side + 1) * (side + 1) <= tile_budget && side < kTileMax) ++side;
+  return std::min(side, std::max(n, m));
+}
+
+// Keys a problem may keep: a quarter of the budget (CUDA: half); with vector growth and the final
+// gather they take up to three times that.
+inline int64_t kept_capacity(int64_t memory_budget, int64_t key_bytes) {
+  return memory_budget / 4 / key_bytes;
+}
 
 template <typename T>
 struct KeyOf;
@@ -223,7 +253,7 @@ bool window_select(const Problem<T>& P, int64_t k, typename KeyOf<T>::type lo,
                    typename KeyOf<T>::type hi, int64_t capacity,
                    typename KeyOf<T>::type* answer) {
   using K = typename KeyOf<T>::type;
-  const int nthreads = at::get_num_threads();
+  const int nthreads = pass_threads();
   std::vector<WindowState> state(nthreads);
   std::vector<std::vector<K>> kept(nthreads);
   const K span = static_cast<K>(hi - lo);
@@ -283,7 +313,7 @@ template <typename T>
 typename KeyOf<T>::type radix_select(const Problem<T>& P, int64_t k) {
   using K = typename KeyOf<T>::type;
   constexpr int kKeyBits = 8 * sizeof(K);
-  const int nthreads = at::get_num_threads();
+  const int nthreads = pass_threads();
   std::vector<std::vector<int64_t>> hist(nthreads);
   K prefix = 0;
   int64_t rank = k;
@@ -371,16 +401,10 @@ T median_one(const at::Tensor& x, const c10::optional<at::Tensor>& y, bool squar
 
   const int64_t n_pairs = nk::pair_count(P.pairwise, P.n, P.m);
   const int64_t k = nk::median_rank(n_pairs);
-  // Each thread holds one tile: a tile gets 1/64 of the budget, so that up to 16 threads' tiles
-  // take a quarter of it. The side depends on the budget only, never on the thread count, so
-  // tiles (and results) are the same whatever torch.set_num_threads says.
-  const int64_t tile_budget = std::max<int64_t>(1, memory_budget / 64 / sizeof(T));
-  int64_t side = 1;
-  while ((side + 1) * (side + 1) <= tile_budget && side < kTileMax) ++side;
-  P.tile = std::min(side, std::max(P.n, P.m));
+  P.tile = tile_side(memory_budget, sizeof(T), P.n, P.m);
   // Kept keys may take a quarter of the budget (CUDA: half): with vector growth and the final
   // gather they take up to three times that.
-  const int64_t capacity = memory_budget / 4 / static_cast<int64_t>(sizeof(K));
+  const int64_t capacity = kept_capacity(memory_budget, sizeof(K));
 
   K key = 0;
   bool found = false;
@@ -413,6 +437,30 @@ T median_one(const at::Tensor& x, const c10::optional<at::Tensor>& y, bool squar
   return squared ? value * up * up : std::sqrt(value) * up;
 }
 
+// Whether a batch of `batch` (n, m) problems runs one problem per thread (each problem's passes
+// then run inline on its thread) rather than problem after problem with each pass's tiles shared
+// out. Only problems that keep every key qualify: at most kKeepAll pairs (a handful of tiles of
+// at most 512 x 512, whose serial parts, the preparation and the nth_element over all kept keys,
+// weigh as much as the tiles), and `threads` of them keeping their keys at once within the
+// capacity that one problem may use, so that the memory rule above holds for the problems in
+// flight together (their kept keys, the threads' tiles). Among those, problems run in parallel
+// when that takes no more rounds of tile work, ceil(batch / threads) * tiles, than sharing each
+// problem's tiles out, batch * ceil(tiles / threads): always when a problem has fewer tiles than
+// there are threads and the batch fills them. Which way runs changes no result (design §3.4).
+bool by_problem(int64_t batch, bool pairwise, int64_t n, int64_t m, int64_t elem_bytes,
+                int64_t memory_budget) {
+  const int64_t threads = at::get_num_threads();
+  if (batch < 2 || threads < 2 || at::in_parallel_region()) return false;
+  const int64_t n_pairs = nk::pair_count(pairwise, n, m);
+  if (n_pairs > kKeepAll || n_pairs > kept_capacity(memory_budget, elem_bytes) / threads)
+    return false;
+  const int64_t side = tile_side(memory_budget, elem_bytes, n, m);
+  const int64_t rows = (n + side - 1) / side, cols = (m + side - 1) / side;
+  const int64_t tiles = pairwise ? rows * (rows + 1) / 2 : rows * cols;
+  const auto divup = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  return divup(batch, threads) * tiles <= batch * divup(tiles, threads);
+}
+
 at::Tensor median_pairwise_distance_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& y,
                                         bool squared, int64_t memory_budget) {
   const int64_t batch = x.size(0);
@@ -420,11 +468,23 @@ at::Tensor median_pairwise_distance_cpu(const at::Tensor& x, const c10::optional
   at::Tensor result = at::empty({batch}, x.options().dtype(work));
   AT_DISPATCH_FLOATING_TYPES(work, "median_pairwise_distance_cpu", [&] {
     scalar_t* r = result.data_ptr<scalar_t>();
-    for (int64_t bi = 0; bi < batch; ++bi) {
+    auto solve = [&](int64_t bi) {
       const at::Tensor xb = x.select(0, bi);
       c10::optional<at::Tensor> yb;
       if (y.has_value()) yb = y->select(0, bi);
       r[bi] = median_one<scalar_t>(xb, yb, squared, memory_budget);
+    };
+    const int64_t n = x.size(1), m = y.has_value() ? y->size(1) : n;
+    if (by_problem(batch, !y.has_value(), n, m, sizeof(scalar_t), memory_budget)) {
+      // One parallel region for the whole batch. The workers get the caller's thread-local
+      // state (grad mode, dispatch keys), as the caller's own thread has it.
+      const at::ThreadLocalState tls;
+      at::parallel_for(0, batch, 1, [&](int64_t first, int64_t last) {
+        at::ThreadLocalStateGuard guard(tls);
+        for (int64_t bi = first; bi < last; ++bi) solve(bi);
+      });
+    } else {
+      for (int64_t bi = 0; bi < batch; ++bi) solve(bi);
     }
   });
   return result.to(x.scalar_type());
