@@ -154,8 +154,58 @@ void cfg_accumulate_list_cpu(const at::Tensor& x0, at::TensorList grads,
   cfg_dispatch(x0, grads.vec(), weights, eta, scale, out);
 }
 
+// The value of a 0-d floating CPU tensor as a double (what .to(kDouble) gives), read in place.
+double read_scalar(const at::Tensor& t) {
+  double value = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "read_scalar", [&] {
+    value = static_cast<double>(*t.const_data_ptr<scalar_t>());
+  });
+  return value;
+}
+
+// cfg_step_ when x and grad are contiguous and do not overlap: x[j] = x[j] + c_row * grad[j] in
+// the math type, straight over memory (no accumulator block: three streams, as x.add_ moves).
+// The same operations in the same order as accumulate() with M = 1, so bit-identical to it; the
+// coefficients are computed as coefficients() does, without its temporary tensors.
+template <typename T>
+void step_contiguous(const at::Tensor& x, const at::Tensor& grad, double w, double eta,
+                     const std::optional<at::Tensor>& scale) {
+  using A = acc_t<T>;
+  const int64_t N = x.numel();
+  if (N == 0) return;
+  const A wm = static_cast<A>(w) * static_cast<A>(eta);
+  std::vector<A> coef(1, wm);
+  at::Tensor s;
+  if (scale.has_value()) {
+    s = scale->to(at::kDouble).contiguous();
+    const double* sp = s.const_data_ptr<double>();
+    coef.resize(static_cast<size_t>(s.numel()));
+    for (int64_t b = 0; b < s.numel(); ++b) coef[b] = wm * static_cast<A>(sp[b]);
+  }
+  const int64_t row = scale.has_value() ? N / static_cast<int64_t>(coef.size()) : N;
+  T* xp = x.data_ptr<T>();
+  const T* gp = grad.const_data_ptr<T>();
+  at::parallel_for(0, N, kChunk, [&](int64_t begin, int64_t end) {
+    int64_t pos = begin;
+    while (pos < end) {
+      const int64_t r = pos / row;
+      const int64_t seg_end = std::min(end, (r + 1) * row);
+      const A c = coef[r];
+      for (int64_t j = pos; j < seg_end; ++j)
+        xp[j] = static_cast<T>(static_cast<A>(xp[j]) + c * static_cast<A>(gp[j]));
+      pos = seg_end;
+    }
+  });
+}
+
 void cfg_step_cpu(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& weight,
                   double eta, const std::optional<at::Tensor>& scale) {
+  if (x.is_contiguous() && grad.is_contiguous() && !nk::overlap_hazard(x, grad)) {
+    const double w = read_scalar(weight);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cfg_step_cpu",
+                                    [&] { step_contiguous<scalar_t>(x, grad, w, eta, scale); });
+    return;
+  }
   std::optional<at::Tensor> s;
   if (scale.has_value()) s = scale->reshape({1, -1});
   cfg_dispatch(x, {grad}, weight.reshape({1}), eta, s, x);
