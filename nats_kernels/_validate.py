@@ -12,6 +12,27 @@ from collections.abc import Sequence
 import torch
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# torch.finfo(dtype).max, looked up once (torch.finfo costs microseconds per call).
+_LARGEST = {dt: torch.finfo(dt).max for dt in FLOATING}
+
+try:  # the C++ pass over the common case of the list checks (csrc/nats_kernels.cpp)
+    from ._C import lists_ok as _lists_ok
+except ImportError:  # no extension built (or a stale one): the Python checks alone
+    _lists_ok = None
+
+
+def common_lists(lists: tuple, written: int = 0) -> bool:
+    """Whether the lists of a public list op are the common case that needs no further check
+    and may run its kernel directly (design §8.1), decided in one C++ pass: lists or tuples of
+    one length n >= 1 of plain tensors with one floating dtype, one CPU/CUDA device and equal
+    shapes position by position; with grad mode on, nothing requires grad (and no tensor of the
+    first ``written`` lists is a view of one that does); the written tensors contiguous and
+    pairwise disjoint in memory; and torch.compile not tracing. False is not an error: the
+    Python checks then run and raise, or let the call through the custom op."""
+    # is_compiling first: under torch.compile it is the constant True, so Dynamo never meets the
+    # C function (which it cannot trace).
+    return (not torch.compiler.is_compiling() and _lists_ok is not None
+            and _lists_ok(lists, written))
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -40,7 +61,7 @@ def same_device(device: torch.device, **named: torch.Tensor | None) -> None:
 
 
 def shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
-    if tuple(t.shape) != tuple(expected):
+    if t.shape != expected and tuple(t.shape) != tuple(expected):  # Size == tuple: no copy
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
@@ -91,6 +112,8 @@ def integer(name: str, value, *, minimum: int | None = None) -> int:
 
 def number(name: str, v) -> float:
     """A hyperparameter: a Python number (not a tensor: it is configuration, not a device value)."""
+    if type(v) is float:  # the usual case, without the numbers.Real check
+        return v
     if not is_number(v):
         raise TypeError(f"{name} must be a Python number, got {type(v).__name__}")
     try:
@@ -205,9 +228,9 @@ def finite(name: str, value, *, minimum: float | None = None,
         raise ValueError(f"{name} must be finite, got {x}")
     if minimum is not None and x < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {x}")
-    if dtype is not None and abs(x) > torch.finfo(dtype).max:
+    if dtype is not None and abs(x) > _LARGEST[dtype]:
         raise ValueError(f"{name} = {x:g} is out of the range of {dtype}, the math type it is "
-                         f"used in (largest {torch.finfo(dtype).max:g})")
+                         f"used in (largest {_LARGEST[dtype]:g})")
     return x
 
 

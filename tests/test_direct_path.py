@@ -122,3 +122,60 @@ def test_direct_writes_bump_the_version_counter(op, monkeypatch):
     assert all(a > bv for a, bv in zip(after, before)), (before, after)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+# ------------------------------------------------------------------ the C++ common-case check
+
+def _lists_ok_cases():
+    """(name, lists, written, expected) for _C.lists_ok: True only for the common case; every
+    rule it checks has a case that breaks exactly that rule."""
+    a, b = _lists(), _lists()
+    buf = torch.randn(20)
+    leaf = torch.randn(6, requires_grad=True)
+    with torch.no_grad():
+        nograd_view = leaf[:3]
+    return [
+        ("common", (a, b), 1, True),
+        ("tuples", (tuple(a), tuple(b)), 1, True),
+        ("read list may alias the written one", (a, a), 1, True),
+        ("nothing written", (a, a), 0, True),
+        ("disjoint views of one buffer", ([buf[:10], buf[10:]], [buf[10:], buf[:10]]), 1, True),
+        ("empty", ([], []), 0, False),
+        ("lengths differ", (a, b[:2]), 0, False),
+        ("not a list", (a, iter(b)), 0, False),
+        ("a number", (a, [1.0, 2.0, 3.0]), 0, False),
+        ("subclass", (a, b), 0, False),  # b replaced by subclass instances in the test
+        ("integer dtype", ([torch.ones(5, dtype=torch.int64)] * 3, b), 0, False),
+        ("dtypes differ", (a, [t.double() for t in b]), 0, False),
+        ("shapes differ", (a, [t[:4] for t in b]), 0, False),
+        ("device meta", ([t.to("meta") for t in a], [t.to("meta") for t in b]), 0, False),
+        ("requires grad", (a, [t.clone().requires_grad_() for t in b]), 0, False),
+        ("written view of a tensor that requires grad", ([nograd_view], [torch.randn(3)]), 1,
+         False),
+        ("written non-contiguous", ([torch.randn(5, 2)[:, 0]], [torch.randn(5)]), 1, False),
+        ("written twice", ([a[0], a[0]], [b[0], b[1]]), 1, False),
+        ("written overlapping views", ([buf[:10], buf[5:15]], [b[0], b[1]]), 1, False),
+    ]
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("case", _lists_ok_cases(), ids=lambda c: c[0])
+def test_lists_ok_takes_only_the_common_case(case):
+    from nats_kernels._C import lists_ok
+
+    name, lists, written, expected = case
+    if name == "subclass":
+        lists = (lists[0], [torch.Tensor._make_subclass(_Sub, t) for t in _lists()])
+    assert lists_ok(lists, written) is expected
+
+
+def test_lists_ok_with_grad_mode_off_lets_grad_tensors_through():
+    from nats_kernels._C import lists_ok
+
+    a = [t.requires_grad_() for t in _lists()]
+    assert not lists_ok((a, a), 0)
+    with torch.no_grad():
+        assert lists_ok((a, a), 0)

@@ -71,6 +71,8 @@ def multi_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
         TypeError: not lists of floating tensors, mixed dtypes.
         ValueError: empty lists, different lengths or shapes, different devices.
     """
+    if v.common_lists((a, b)):  # design §8.1: checked in one C++ pass, no custom-op hop
+        return _dispatch.route("multi_dot", a[0].device)(a, b)
     (a, b), device, _ = v.paired_lists(("a", "b"), (a, b))
     if _dispatch.eager(a[0], itertools.chain(a, b)):  # design §8.1: no custom-op hop
         return _dispatch.route("multi_dot", device)(a, b)
@@ -119,9 +121,11 @@ def aw_weights(
     """
     v.tensor("dots", dots)
     v.shape("dots", dots, (3,))
+    device = dots.device
     for name, t in (("real_logits", real_logits), ("fake_logits", fake_logits)):
-        v.tensor(name, t)
-        v.same_device(dots.device, **{name: t})
+        if not (isinstance(t, Tensor) and t.dtype in v.FLOATING and t.device == device):
+            v.tensor(name, t)
+            v.same_device(device, **{name: t})
         if t.numel() == 0:
             raise ValueError(f"{name} must not be empty (its sigmoid mean decides the case)")
     v.flag("normalized", normalized)
@@ -130,7 +134,7 @@ def aw_weights(
              for n, x in (("alpha1", alpha1), ("alpha2", alpha2), ("delta", delta))]
     hyper.append(v.finite("eps", eps, minimum=0.0, dtype=acc))
     if _dispatch.eager(dots, (real_logits, fake_logits)):  # design §8.1: no custom-op hop
-        return _dispatch.route("aw_weights", dots.device)(
+        return _dispatch.route("aw_weights", device)(
             dots, real_logits, fake_logits, normalized, *hyper)
     return _aw_weights_op(dots, real_logits, fake_logits, normalized, *hyper)
 
@@ -164,6 +168,14 @@ def aw_combine_(
         RuntimeError for an ``out`` tensor that requires grad (or a view of one) outside
         ``torch.no_grad()``. Nothing is written when it raises.
     """
+    if v.common_lists((out, g_r, g_f), written=1):  # design §8.1: one C++ pass
+        device, acc = out[0].device, v.acc_dtype(out[0].dtype)
+        w_r = v.scalar("w_r", w_r, device, acc)
+        w_f = v.scalar("w_f", w_f, device, acc)
+        if not (torch.is_grad_enabled() and (w_r.requires_grad or w_f.requires_grad)):
+            _dispatch.route("aw_combine_", device)(out, g_r, g_f, w_r, w_f)
+            increment_version(out)
+            return
     (out, g_r, g_f), device, dtype = v.paired_lists(("out", "g_r", "g_f"), (out, g_r, g_f))
     for i, t in enumerate(out):
         v.no_internal_overlap(f"out[{i}]", t)

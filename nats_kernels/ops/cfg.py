@@ -246,18 +246,22 @@ def cfg_step_(
         TypeError / ValueError as :func:`cfg_accumulate`; ValueError if ``x`` has overlapping
         memory; RuntimeError as above. Nothing is written when it raises.
     """
-    v.tensor("x", x)
-    v.tensor("grad", grad)
+    common = v.common_lists(([x], [grad]), written=1)  # design §8.1: the common case in C++
+    if not common:
+        v.tensor("x", x)
+        v.tensor("grad", grad)
+        v.same_device(x.device, grad=grad)
+        v.same_dtype("grad", grad, x.dtype, "x")
+        v.shape("grad", grad, x.shape)
+        v.no_internal_overlap("x", x)
+        v.inplace("x", x)
     device = x.device
-    v.same_device(device, grad=grad)
-    v.same_dtype("grad", grad, x.dtype, "x")
-    v.shape("grad", grad, x.shape)
-    v.no_internal_overlap("x", x)
-    v.inplace("x", x)
     _check_scale(scale, x, "x", ())
     weight = v.scalar("weight", weight, device, v.acc_dtype(x.dtype))
     eta, weight = _fold_eta(eta, weight, v.acc_dtype(x.dtype))
-    if _dispatch.eager(x, (grad, weight, scale)):  # design §8.1: no custom-op hop
+    if ((common and not (torch.is_grad_enabled() and (
+            weight.requires_grad or (scale is not None and scale.requires_grad))))
+            or _dispatch.eager(x, (grad, weight, scale))):  # design §8.1: no custom-op hop
         _dispatch.route("cfg_step_", device)(x, grad, weight, eta, scale)
         increment_version(x)
     else:

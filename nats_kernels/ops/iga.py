@@ -49,6 +49,9 @@ def iga_ratio(gf_D: Sequence[Tensor], gF_D: Sequence[Tensor], eps: float = 1e-12
         TypeError / ValueError as :func:`nats_kernels.multi_dot`; ValueError for a negative or
         non-finite eps.
     """
+    if v.common_lists((gf_D, gF_D)):  # design §8.1: checked in one C++ pass, no custom-op hop
+        eps = v.nonnegative("eps", eps)  # checked before the dispatch is asked for a kernel
+        return _dispatch.route("iga_ratio", gf_D[0].device)(gf_D, gF_D, eps)
     (gf_D, gF_D), device, _ = v.paired_lists(("gf_D", "gF_D"), (gf_D, gF_D))
     eps = v.nonnegative("eps", eps)
     if _dispatch.eager(gf_D[0], itertools.chain(gf_D, gF_D)):  # design §8.1: no custom-op hop
@@ -77,6 +80,13 @@ def iga_correction_(g_G: Sequence[Tensor], gf_G: Sequence[Tensor], r: float | Te
         with overlapping memory, two ``g_G`` tensors sharing memory, a non-0-d ``r``;
         RuntimeError as above. Nothing is written when it raises.
     """
+    if v.common_lists((g_G, gf_G), written=1):  # design §8.1: one C++ pass
+        device = g_G[0].device
+        r = v.scalar("r", r, device, v.acc_dtype(g_G[0].dtype))
+        if not (torch.is_grad_enabled() and r.requires_grad):
+            _dispatch.route("iga_correction_", device)(g_G, gf_G, r)
+            increment_version(g_G)
+            return
     (g_G, gf_G), device, dtype = v.paired_lists(("g_G", "gf_G"), (g_G, gf_G))
     for i, t in enumerate(g_G):
         v.no_internal_overlap(f"g_G[{i}]", t)
