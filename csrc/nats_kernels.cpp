@@ -11,11 +11,17 @@
 // the reference implementation instead of failing.
 
 #include <Python.h>
+#include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -109,12 +115,242 @@ static PyObject* lists_ok(PyObject*, PyObject* args) {
   Py_RETURN_FALSE;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The CPU fast path of the public ops (design §8.1): cpu_<op>(...) checks the common case as
+// lists_ok does, plus the op's scalar tensors, and when it holds and NATS_KERNELS_BACKEND lets
+// the cpu backend run (unset, empty, "auto" or "cpu"), calls the op's CPU kernel through the
+// dispatcher (typed, unboxed: no IValue lists), with the GIL released, and bumps the version
+// counters of what it wrote. It returns None (the list ops returning a tensor) or False when
+// the call is not that case; the Python checks and dispatch then take the call over. It never
+// raises for bad input: the Python checks own every error message. Python calls it only when
+// the dispatch registry is the one _load built with the extension's cpu kernels
+// (_dispatch.native_cpu) and torch.compile is not tracing.
+
+static bool env_allows_cpu() {
+  const char* e = std::getenv("NATS_KERNELS_BACKEND");
+  return e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0 || std::strcmp(e, "cpu") == 0;
+}
+
+static bool floating(c10::ScalarType t) {
+  return t == c10::ScalarType::Half || t == c10::ScalarType::BFloat16 ||
+         t == c10::ScalarType::Float || t == c10::ScalarType::Double;
+}
+
+// A 0-d floating CPU tensor that autograd has nothing to record for.
+static bool cpu_scalar(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) return false;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  return t.defined() && t.dim() == 0 && floating(t.scalar_type()) && t.device().is_cpu() &&
+         !(at::GradMode::is_enabled() && t.requires_grad());
+}
+
+// lists_ok on CPU tensors whose written ones can take a version bump (not inference tensors).
+static bool cpu_lists_ok(PyObject* lists, Py_ssize_t written) {
+  if (!lists_ok_impl(lists, written)) return false;
+  PyObject* first = PySequence_Fast_ITEMS(PyTuple_GET_ITEM(lists, 0))[0];
+  if (!THPVariable_Unpack(first).device().is_cpu()) return false;
+  for (Py_ssize_t i = 0; i < written; ++i) {
+    PyObject* seq = PyTuple_GET_ITEM(lists, i);
+    PyObject** items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(seq); ++j)
+      if (THPVariable_Unpack(items[j]).is_inference()) return false;
+  }
+  return true;
+}
+
+static std::vector<at::Tensor> unpack(PyObject* seq) {
+  std::vector<at::Tensor> out;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  out.reserve(static_cast<size_t>(n));
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  for (Py_ssize_t j = 0; j < n; ++j) out.push_back(THPVariable_Unpack(items[j]));
+  return out;
+}
+
+static void bump(const std::vector<at::Tensor>& ts) {
+  for (const auto& t : ts) t.unsafeGetTensorImpl()->bump_version();
+}
+
+template <class Sig>
+static c10::TypedOperatorHandle<Sig> ext_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// f() without the GIL; exceptions cross back with it held.
+template <class F>
+static auto without_gil(F&& f) {
+  PyThreadState* state = PyEval_SaveThread();
+  try {
+    auto result = f();
+    PyEval_RestoreThread(state);
+    return result;
+  } catch (...) {
+    PyEval_RestoreThread(state);
+    throw;
+  }
+}
+
+#define NK_FAST_TRY try {
+#define NK_FAST_CATCH                                        \
+  }                                                          \
+  catch (const std::exception& e) {                          \
+    PyErr_SetString(PyExc_RuntimeError, e.what());           \
+    return nullptr;                                          \
+  }
+
+static PyObject* cpu_multi_dot(PyObject*, PyObject* args) {
+  PyObject *a, *b;
+  if (!PyArg_ParseTuple(args, "OO", &a, &b)) return nullptr;
+  NK_FAST_TRY
+  PyObject* lists = PyTuple_Pack(2, a, b);
+  if (lists == nullptr) return nullptr;
+  const bool ok = env_allows_cpu() && cpu_lists_ok(lists, 0);
+  Py_DECREF(lists);
+  if (!ok) Py_RETURN_NONE;
+  static const auto op = ext_op<at::Tensor(at::TensorList, at::TensorList)>(
+      "nats_kernels_ext::multi_dot");
+  const auto va = unpack(a), vb = unpack(b);
+  return THPVariable_Wrap(without_gil([&] { return op.call(va, vb); }));
+  NK_FAST_CATCH
+}
+
+static PyObject* cpu_iga_ratio(PyObject*, PyObject* args) {
+  PyObject *gf, *gF;
+  double eps;
+  if (!PyArg_ParseTuple(args, "OOd", &gf, &gF, &eps)) return nullptr;
+  NK_FAST_TRY
+  PyObject* lists = PyTuple_Pack(2, gf, gF);
+  if (lists == nullptr) return nullptr;
+  const bool ok = env_allows_cpu() && cpu_lists_ok(lists, 0);
+  Py_DECREF(lists);
+  if (!ok) Py_RETURN_NONE;
+  static const auto op = ext_op<at::Tensor(at::TensorList, at::TensorList, double)>(
+      "nats_kernels_ext::iga_ratio");
+  const auto va = unpack(gf), vb = unpack(gF);
+  return THPVariable_Wrap(without_gil([&] { return op.call(va, vb, eps); }));
+  NK_FAST_CATCH
+}
+
+static PyObject* cpu_aw_combine_(PyObject*, PyObject* args) {
+  PyObject *out, *g_r, *g_f, *w_r, *w_f;
+  if (!PyArg_ParseTuple(args, "OOOOO", &out, &g_r, &g_f, &w_r, &w_f)) return nullptr;
+  NK_FAST_TRY
+  if (!env_allows_cpu() || !cpu_scalar(w_r) || !cpu_scalar(w_f)) Py_RETURN_FALSE;
+  PyObject* lists = PyTuple_Pack(3, out, g_r, g_f);
+  if (lists == nullptr) return nullptr;
+  const bool ok = cpu_lists_ok(lists, 1);
+  Py_DECREF(lists);
+  if (!ok) Py_RETURN_FALSE;
+  static const auto op = ext_op<void(at::TensorList, at::TensorList, at::TensorList,
+                                     const at::Tensor&, const at::Tensor&)>(
+      "nats_kernels_ext::aw_combine_");
+  const auto vo = unpack(out), vr = unpack(g_r), vf = unpack(g_f);
+  const at::Tensor &wr = THPVariable_Unpack(w_r), &wf = THPVariable_Unpack(w_f);
+  without_gil([&] {
+    op.call(vo, vr, vf, wr, wf);
+    return 0;
+  });
+  bump(vo);
+  Py_RETURN_TRUE;
+  NK_FAST_CATCH
+}
+
+static PyObject* cpu_iga_correction_(PyObject*, PyObject* args) {
+  PyObject *g, *gf, *r;
+  if (!PyArg_ParseTuple(args, "OOO", &g, &gf, &r)) return nullptr;
+  NK_FAST_TRY
+  if (!env_allows_cpu() || !cpu_scalar(r)) Py_RETURN_FALSE;
+  PyObject* lists = PyTuple_Pack(2, g, gf);
+  if (lists == nullptr) return nullptr;
+  const bool ok = cpu_lists_ok(lists, 1);
+  Py_DECREF(lists);
+  if (!ok) Py_RETURN_FALSE;
+  static const auto op = ext_op<void(at::TensorList, at::TensorList, const at::Tensor&)>(
+      "nats_kernels_ext::iga_correction_");
+  const auto vg = unpack(g), vf = unpack(gf);
+  const at::Tensor& rt = THPVariable_Unpack(r);
+  without_gil([&] {
+    op.call(vg, vf, rt);
+    return 0;
+  });
+  bump(vg);
+  Py_RETURN_TRUE;
+  NK_FAST_CATCH
+}
+
+// cfg_step_(x, grad, weight, eta, scale): eta a Python number the caller has checked, weight a
+// 0-d tensor or a Python number the caller has checked (made a 0-d tensor of the math type, as
+// the Python path's _validate.scalar makes it), scale None or a (B,) floating CPU tensor with
+// B = x.size(0).
+static PyObject* cpu_cfg_step_(PyObject*, PyObject* args) {
+  PyObject *x, *grad, *weight, *scale;
+  double eta;
+  if (!PyArg_ParseTuple(args, "OOOdO", &x, &grad, &weight, &eta, &scale)) return nullptr;
+  NK_FAST_TRY
+  const bool weight_number = PyFloat_Check(weight) || PyLong_Check(weight);
+  if (!env_allows_cpu() || !(weight_number || cpu_scalar(weight))) Py_RETURN_FALSE;
+  PyObject* xs = PyList_New(1);
+  PyObject* gs = PyList_New(1);
+  PyObject* lists = (xs && gs) ? PyTuple_Pack(2, xs, gs) : nullptr;
+  bool ok = false;
+  if (lists != nullptr) {
+    Py_INCREF(x);
+    Py_INCREF(grad);
+    PyList_SET_ITEM(xs, 0, x);
+    PyList_SET_ITEM(gs, 0, grad);
+    ok = cpu_lists_ok(lists, 1);
+  }
+  Py_XDECREF(lists);
+  Py_XDECREF(xs);
+  Py_XDECREF(gs);
+  if (PyErr_Occurred()) return nullptr;
+  if (!ok) Py_RETURN_FALSE;
+  const at::Tensor& xt = THPVariable_Unpack(x);
+  std::optional<at::Tensor> st;
+  if (scale != Py_None) {
+    if (!THPVariable_CheckExact(scale)) Py_RETURN_FALSE;
+    const at::Tensor& s = THPVariable_Unpack(scale);
+    if (!s.defined() || !floating(s.scalar_type()) || !s.device().is_cpu() || s.dim() != 1 ||
+        xt.dim() == 0 || s.size(0) != xt.size(0) ||
+        (at::GradMode::is_enabled() && s.requires_grad()))
+      Py_RETURN_FALSE;
+    st = s;
+  }
+  static const auto op = ext_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     double, const std::optional<at::Tensor>&)>(
+      "nats_kernels_ext::cfg_step_");
+  const at::Tensor& gt = THPVariable_Unpack(grad);
+  at::Tensor wt;
+  if (weight_number) {
+    const double w = PyFloat_AsDouble(weight);
+    if (PyErr_Occurred()) return nullptr;
+    wt = at::scalar_tensor(w, at::TensorOptions().dtype(
+        xt.scalar_type() == c10::ScalarType::Double ? at::kDouble : at::kFloat));
+  } else {
+    wt = THPVariable_Unpack(weight);
+  }
+  without_gil([&] {
+    op.call(xt, gt, wt, eta, st);
+    return 0;
+  });
+  xt.unsafeGetTensorImpl()->bump_version();
+  Py_RETURN_TRUE;
+  NK_FAST_CATCH
+}
+
 static PyMethodDef nats_kernels_methods[] = {
     {"lists_ok", lists_ok, METH_VARARGS,
      "lists_ok(lists: tuple, written: int) -> bool: the common case of the list ops' checks"},
+    {"cpu_multi_dot", cpu_multi_dot, METH_VARARGS, "multi_dot's CPU fast path, or None"},
+    {"cpu_iga_ratio", cpu_iga_ratio, METH_VARARGS, "iga_ratio's CPU fast path, or None"},
+    {"cpu_aw_combine_", cpu_aw_combine_, METH_VARARGS, "aw_combine_'s CPU fast path: ran?"},
+    {"cpu_iga_correction_", cpu_iga_correction_, METH_VARARGS,
+     "iga_correction_'s CPU fast path: ran?"},
+    {"cpu_cfg_step_", cpu_cfg_step_, METH_VARARGS, "cfg_step_'s CPU fast path: ran?"},
     {nullptr, nullptr, 0, nullptr}};
 
-// Importing nats_kernels._C runs the registrations above; lists_ok is its one function.
+// Importing nats_kernels._C runs the registrations above; its functions are the checks and fast
+// paths above.
 static struct PyModuleDef nats_kernels_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
                                                  nats_kernels_methods};
 

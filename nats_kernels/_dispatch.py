@@ -50,6 +50,9 @@ KERNEL_OPS = (
 _kernels: dict[str, dict[str, Callable]] = {b: {} for b in BACKENDS}
 _unavailable: dict[str, str] = {}
 _warned: set[str] = set()
+# Ops whose cpu kernel is the C++ extension's own (filled by _load): the ones whose CPU fast path
+# in nats_kernels._C (design §8.1) may run.
+_native_cpu: set[str] = set()
 
 
 def register(backend: str, op: str) -> Callable[[Callable], Callable]:
@@ -69,6 +72,22 @@ def mark_unavailable(backend: str, reason: str) -> None:
     """Record that ``backend`` cannot run here, and why (shown by :func:`backends`)."""
     _unavailable[backend] = reason
     _routes.clear()
+    if backend == "cpu":
+        _native_cpu.clear()
+
+
+def mark_native_cpu(ops) -> None:
+    """Record that the cpu kernels of ``ops`` are the extension's own (``_load``)."""
+    _native_cpu.update(ops)
+
+
+def native_cpu(op: str) -> bool:
+    """Whether ``op`` may take the C++ fast path on CPU tensors (design §8.1): its cpu kernel is
+    the extension's, and the registry and override reader are those this module built (a test
+    that swaps them gets the Python dispatch, which consults them). The fast path itself reads
+    ``NATS_KERNELS_BACKEND`` and declines anything but unset, empty, ``auto`` or ``cpu``."""
+    return (op in _native_cpu and _kernels is _REGISTRY[0] and _unavailable is _REGISTRY[1]
+            and requested_backend is _REGISTRY[2])
 
 
 def _device_ok(backend: str, device: torch.device) -> bool:
@@ -163,6 +182,10 @@ def eager(first: torch.Tensor, tensors=()) -> bool:
         return True
     return not (first.requires_grad
                 or any(t is not None and t.requires_grad for t in tensors))
+
+
+# The registry dicts and the override reader as this module built them (see native_cpu).
+_REGISTRY = (_kernels, _unavailable, requested_backend)
 
 
 def backend_name(op: str, device: torch.device | str) -> str:

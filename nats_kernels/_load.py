@@ -25,6 +25,8 @@ def _register_ext(backend: str, dispatch_key: str) -> None:
         return
     for op in ops:  # the OpOverload itself: calling it skips the packet's overload resolution
         _dispatch.register(backend, op)(getattr(torch.ops.nats_kernels_ext, op).default)
+    if backend == "cpu":
+        _dispatch.mark_native_cpu(ops)
 
 
 def _unbuilt_checkout_hint(here: str = os.path.dirname(os.path.abspath(__file__))) -> str:

@@ -11,14 +11,38 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _dispatch
+
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch.finfo(dtype).max, looked up once (torch.finfo costs microseconds per call).
 _LARGEST = {dt: torch.finfo(dt).max for dt in FLOATING}
 
 try:  # the C++ pass over the common case of the list checks (csrc/nats_kernels.cpp)
+    from . import _C as native
     from ._C import lists_ok as _lists_ok
+    if not hasattr(native, "cpu_cfg_step_"):  # a stale build: no CPU fast paths
+        native = None
 except ImportError:  # no extension built (or a stale one): the Python checks alone
-    _lists_ok = None
+    native = _lists_ok = None
+
+
+def plain_number(x, dtype: torch.dtype) -> bool:
+    """Whether ``x`` is a Python float or int (not a bool) that is finite and within ``dtype``'s
+    range: the common case of a hyperparameter, decided without raising (the fast paths pass
+    such a value on; anything else goes to :func:`finite` and its messages)."""
+    kind = type(x)
+    if kind is float:
+        return math.isfinite(x) and abs(x) <= _LARGEST[dtype]
+    return kind is int and abs(x) <= _LARGEST[dtype]
+
+
+def cpu_fast(op: str) -> bool:
+    """Whether ``op`` may try its CPU fast path ``native.cpu_<op>`` (design §8.1): the extension
+    has it, ``_dispatch.native_cpu(op)``, and torch.compile is not tracing (checked first: Dynamo
+    sees a constant and never meets the C function). The fast path declines (None / False)
+    anything but the common case, which the full checks then handle."""
+    return (not torch.compiler.is_compiling() and native is not None
+            and _dispatch.native_cpu(op))
 
 
 def common_lists(lists: tuple, written: int = 0) -> bool:

@@ -179,3 +179,77 @@ def test_lists_ok_with_grad_mode_off_lets_grad_tensors_through():
     assert not lists_ok((a, a), 0)
     with torch.no_grad():
         assert lists_ok((a, a), 0)
+
+
+# ------------------------------------------------------------------ the C++ CPU fast paths
+
+FAST_OPS = ("multi_dot", "iga_ratio", "aw_combine_", "iga_correction_", "cfg_step_")
+
+
+def _fast_calls():
+    a, b, out = _lists(), _lists(), _lists()
+    x, g = torch.randn(4, 3), torch.randn(4, 3)
+    w = torch.tensor(0.5)
+    return {
+        "multi_dot": lambda: nk.multi_dot(a, b),
+        "iga_ratio": lambda: nk.iga_ratio(a, b),
+        "aw_combine_": lambda: nk.aw_combine_(out, a, b, w, w),
+        "iga_correction_": lambda: nk.iga_correction_(out, b, w),
+        "cfg_step_": lambda: nk.cfg_step_(x, g, w, eta=0.1, scale=torch.rand(4)),
+        "cfg_step_ (number weight)": lambda: nk.cfg_step_(x, g, 0.5, eta=1),
+    }
+
+
+@pytest.fixture
+def python_dispatch_refused(monkeypatch):
+    """Make the Python dispatch (route) fail loudly: only the C++ fast path can serve a call."""
+    def refuse(op, device):
+        raise AssertionError(f"{op} went through the Python dispatch")
+    monkeypatch.setattr(_dispatch, "route", refuse)
+    monkeypatch.delenv("NATS_KERNELS_BACKEND", raising=False)
+
+
+@pytest.mark.parametrize("name", sorted(_fast_calls()))
+def test_common_cpu_calls_take_the_fast_path(name, python_dispatch_refused):
+    _fast_calls()[name]()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto", ""])
+def test_fast_path_obeys_an_override_to_cpu_or_auto(backend, python_dispatch_refused,
+                                                    monkeypatch):
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", backend)
+    for call in _fast_calls().values():
+        call()
+
+
+@pytest.mark.parametrize("name", sorted(_fast_calls()))
+def test_fast_path_declines_other_overrides(name, monkeypatch):
+    """NATS_KERNELS_BACKEND=reference: the fast path declines, the reference kernel runs."""
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", "reference")
+    with OpLog() as log:
+        _fast_calls()[name]()
+    assert not any("nats_kernels_ext" in n for n in log.names), log.names
+
+
+def test_fast_path_declines_what_is_not_the_common_case(python_dispatch_refused):
+    """Each of these must reach the Python checks and dispatch (which the fixture refuses)."""
+    a, b = _lists(), _lists()
+    x, g = torch.randn(4, 3), torch.randn(4, 3)
+    with torch.inference_mode():
+        inf = [torch.randn(5) for _ in range(3)]
+    cases = [  # (call, what the Python path then does with it)
+        (lambda: nk.iga_correction_(inf, b, torch.tensor(0.1)), AssertionError),  # inference
+        (lambda: nk.iga_correction_(a, b, torch.tensor(0.1, requires_grad=True)), AssertionError),
+        (lambda: nk.aw_combine_(a, a, b, torch.tensor(1, dtype=torch.int64), torch.tensor(0.5)),
+         TypeError),
+        (lambda: nk.cfg_step_(x, g, torch.tensor([0.5])), ValueError),  # weight not 0-d
+        (lambda: nk.cfg_step_(x, g, 0.5, scale=torch.rand(3)), ValueError),  # wrong batch
+        (lambda: nk.cfg_step_(x[:, :2], g[:, :2], 0.5), AssertionError),  # x not contiguous
+        (lambda: nk.cfg_step_(x, g, float("nan")), ValueError),
+        (lambda: nk.multi_dot(a, [t.double() for t in b]), TypeError),
+    ]
+    for i, (call, err) in enumerate(cases):
+        with pytest.raises(err) as info:
+            call()
+        if err is AssertionError:  # valid input: it reached the Python dispatch
+            assert "went through the Python dispatch" in str(info.value), (i, info.value)

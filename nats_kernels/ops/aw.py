@@ -71,6 +71,10 @@ def multi_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
         TypeError: not lists of floating tensors, mixed dtypes.
         ValueError: empty lists, different lengths or shapes, different devices.
     """
+    if v.cpu_fast("multi_dot"):  # design §8.1: checked and run in C++ (None: not that case)
+        result = v.native.cpu_multi_dot(a, b)
+        if result is not None:
+            return result
     if v.common_lists((a, b)):  # design §8.1: checked in one C++ pass, no custom-op hop
         return _dispatch.route("multi_dot", a[0].device)(a, b)
     (a, b), device, _ = v.paired_lists(("a", "b"), (a, b))
@@ -168,6 +172,9 @@ def aw_combine_(
         RuntimeError for an ``out`` tensor that requires grad (or a view of one) outside
         ``torch.no_grad()``. Nothing is written when it raises.
     """
+    if (isinstance(w_r, Tensor) and isinstance(w_f, Tensor) and v.cpu_fast("aw_combine_")
+            and v.native.cpu_aw_combine_(out, g_r, g_f, w_r, w_f)):  # design §8.1: ran in C++
+        return
     if v.common_lists((out, g_r, g_f), written=1):  # design §8.1: one C++ pass
         device, acc = out[0].device, v.acc_dtype(out[0].dtype)
         w_r = v.scalar("w_r", w_r, device, acc)

@@ -246,6 +246,11 @@ def cfg_step_(
         TypeError / ValueError as :func:`cfg_accumulate`; ValueError if ``x`` has overlapping
         memory; RuntimeError as above. Nothing is written when it raises.
     """
+    if (isinstance(x, Tensor) and v.cpu_fast("cfg_step_")
+            and (isinstance(weight, Tensor) or v.plain_number(weight, v.acc_dtype(x.dtype)))
+            and v.plain_number(eta, v.acc_dtype(x.dtype))
+            and v.native.cpu_cfg_step_(x, grad, weight, eta, scale)):
+        return x  # design §8.1: checked and run in C++
     common = v.common_lists(([x], [grad]), written=1)  # design §8.1: the common case in C++
     if not common:
         v.tensor("x", x)

@@ -49,6 +49,10 @@ def iga_ratio(gf_D: Sequence[Tensor], gF_D: Sequence[Tensor], eps: float = 1e-12
         TypeError / ValueError as :func:`nats_kernels.multi_dot`; ValueError for a negative or
         non-finite eps.
     """
+    if v.cpu_fast("iga_ratio") and v.plain_number(eps, torch.float64) and eps >= 0:
+        result = v.native.cpu_iga_ratio(gf_D, gF_D, eps)  # design §8.1: checked, run in C++
+        if result is not None:
+            return result
     if v.common_lists((gf_D, gF_D)):  # design §8.1: checked in one C++ pass, no custom-op hop
         eps = v.nonnegative("eps", eps)  # checked before the dispatch is asked for a kernel
         return _dispatch.route("iga_ratio", gf_D[0].device)(gf_D, gF_D, eps)
@@ -80,6 +84,9 @@ def iga_correction_(g_G: Sequence[Tensor], gf_G: Sequence[Tensor], r: float | Te
         with overlapping memory, two ``g_G`` tensors sharing memory, a non-0-d ``r``;
         RuntimeError as above. Nothing is written when it raises.
     """
+    if (isinstance(r, Tensor) and v.cpu_fast("iga_correction_")
+            and v.native.cpu_iga_correction_(g_G, gf_G, r)):  # design §8.1: ran in C++
+        return
     if v.common_lists((g_G, gf_G), written=1):  # design §8.1: one C++ pass
         device = g_G[0].device
         r = v.scalar("r", r, device, v.acc_dtype(g_G[0].dtype))
