@@ -3,8 +3,9 @@
 A port of the official algorithm (``riejohnson/cfg-gan-pt``, ``cfggan.py``: ``DDG.icfg``,
 ``DDG.generate``, ``DDG.approximate``) with the weight vector ``w`` added, on the training
 device throughout: samples never leave the device, each functional-gradient step is one
-``torch.autograd.grad`` of ``D_m(x).sum()`` plus one fused in-place ``nk.cfg_step_``, and nothing
-on the per-step path reads a device value back to the host.
+``torch.autograd.grad`` of ``D_m(x)`` with all-ones output gradients (the gradient of
+``D_m(x).sum()``, as the official ``backward(ones_like(d_out))``) plus one fused in-place
+``nk.cfg_step_``, and nothing on the per-step path reads a device value back to the host.
 """
 
 from __future__ import annotations
@@ -413,21 +414,22 @@ class AnnealedCFG:
             raise TypeError(f"generator output must be floating, got {x.dtype}")
         ws = self._step_weights(x.dtype)
         batch = x.shape[0]
-        for m in range(steps):
-            xg = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                d = self.snapshots[m](xg)
-                (grad,) = torch.autograd.grad(d.sum(), xg)
-            s = None
-            if self.scale != "kl":
-                if d.numel() != batch:
-                    raise ValueError(
-                        f"scale={self.scale!r} needs one discriminator output per sample, got "
-                        f"shape {tuple(d.shape)} for {batch} samples"
-                    )
-                logit = d.detach().reshape(batch)
-                s = torch.sigmoid(-logit) if self.scale == "logd" else torch.sigmoid(logit)
-            cfg_step_(x, grad, ws[m], eta=self.eta, scale=s)
+        eta, scale, snapshots = self.eta, self.scale, self.snapshots
+        with torch.enable_grad():  # once, not per step; the steps themselves record nothing
+            for m in range(steps):
+                xg = x.detach().requires_grad_(True)
+                d = snapshots[m](xg)  # grad of d.sum(), as the official backward(ones_like)
+                (grad,) = torch.autograd.grad(d, xg, torch.ones_like(d))
+                s = None
+                if scale != "kl":
+                    if d.numel() != batch:
+                        raise ValueError(
+                            f"scale={scale!r} needs one discriminator output per sample, got "
+                            f"shape {tuple(d.shape)} for {batch} samples"
+                        )
+                    logit = d.detach().reshape(batch)
+                    s = torch.sigmoid(-logit) if scale == "logd" else torch.sigmoid(logit)
+                cfg_step_(x, grad, ws[m], eta=eta, scale=s)
         return x
 
     def generate(self, n: int, *, batch_size: int | None = None, return_z: bool = False):
