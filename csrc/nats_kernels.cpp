@@ -338,7 +338,100 @@ static PyObject* cpu_cfg_step_(PyObject*, PyObject* args) {
   NK_FAST_CATCH
 }
 
+// A plain floating CPU tensor (Tensor or Parameter) that autograd has nothing to record for.
+static const at::Tensor* cpu_tensor(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.defined() || !floating(t.scalar_type()) || !t.device().is_cpu() ||
+      (at::GradMode::is_enabled() && t.requires_grad()))
+    return nullptr;
+  return &t;
+}
+
+// cfg_accumulate(x0, grads, weights, eta, scale, out): grads a stacked (M, *x0.shape) tensor or
+// a list/tuple of M tensors shaped like x0; eta a Python number the caller has checked; out
+// None (a new tensor like x0) or a contiguous tensor like x0 that may be written (as
+// _validate.out_arg allows). Returns out, or None when not the common case.
+static PyObject* cpu_cfg_accumulate(PyObject*, PyObject* args) {
+  PyObject *x0o, *gradso, *wo, *scaleo, *outo;
+  double eta;
+  if (!PyArg_ParseTuple(args, "OOOdOO", &x0o, &gradso, &wo, &eta, &scaleo, &outo)) return nullptr;
+  NK_FAST_TRY
+  if (!env_allows_cpu()) Py_RETURN_NONE;
+  const at::Tensor* x0 = cpu_tensor(x0o);
+  const at::Tensor* w = cpu_tensor(wo);
+  if (x0 == nullptr || w == nullptr || w->dim() != 1 || w->size(0) < 1) Py_RETURN_NONE;
+  const int64_t M = w->size(0);
+  const auto dtype = x0->scalar_type();
+  const bool grad_on = at::GradMode::is_enabled();
+  bool stacked = false;
+  std::vector<at::Tensor> list;
+  const at::Tensor* g = nullptr;
+  if (THPVariable_Check(gradso)) {
+    g = cpu_tensor(gradso);
+    if (g == nullptr || g->scalar_type() != dtype || g->dim() != x0->dim() + 1 ||
+        g->size(0) != M || !g->sizes().slice(1).equals(x0->sizes()))
+      Py_RETURN_NONE;
+    stacked = true;
+  } else {
+    if (!PyList_CheckExact(gradso) && !PyTuple_CheckExact(gradso)) Py_RETURN_NONE;
+    if (PySequence_Fast_GET_SIZE(gradso) != M) Py_RETURN_NONE;
+    PyObject** items = PySequence_Fast_ITEMS(gradso);
+    list.reserve(static_cast<size_t>(M));
+    for (int64_t m = 0; m < M; ++m) {
+      const at::Tensor* gm = cpu_tensor(items[m]);
+      if (gm == nullptr || gm->scalar_type() != dtype || !gm->sizes().equals(x0->sizes()))
+        Py_RETURN_NONE;
+      list.push_back(*gm);
+    }
+  }
+  std::optional<at::Tensor> scale;
+  if (scaleo != Py_None) {
+    const at::Tensor* s = cpu_tensor(scaleo);
+    if (s == nullptr || x0->dim() == 0 || s->dim() != 2 || s->size(0) != M ||
+        s->size(1) != x0->size(0))
+      Py_RETURN_NONE;
+    scale = *s;
+  }
+  at::Tensor out;
+  if (outo == Py_None) {
+    out = at::empty_like(*x0);
+  } else {
+    if (!THPVariable_CheckExact(outo)) Py_RETURN_NONE;
+    out = THPVariable_Unpack(outo);
+    if (!out.defined() || out.scalar_type() != dtype || !out.device().is_cpu() ||
+        !out.sizes().equals(x0->sizes()) || !out.is_contiguous() || out.is_inference() ||
+        (grad_on && (out.requires_grad() || out.is_view())))
+      Py_RETURN_NONE;
+  }
+  if (stacked) {
+    static const auto op = ext_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       double, const std::optional<at::Tensor>&,
+                                       const at::Tensor&)>("nats_kernels_ext::cfg_accumulate");
+    without_gil([&] {
+      op.call(*x0, *g, *w, eta, scale, out);
+      return 0;
+    });
+  } else {
+    static const auto op = ext_op<void(const at::Tensor&, at::TensorList, const at::Tensor&,
+                                       double, const std::optional<at::Tensor>&,
+                                       const at::Tensor&)>(
+        "nats_kernels_ext::cfg_accumulate_list");
+    without_gil([&] {
+      op.call(*x0, list, *w, eta, scale, out);
+      return 0;
+    });
+  }
+  if (outo == Py_None) return THPVariable_Wrap(std::move(out));
+  out.unsafeGetTensorImpl()->bump_version();
+  Py_INCREF(outo);
+  return outo;
+  NK_FAST_CATCH
+}
+
 static PyMethodDef nats_kernels_methods[] = {
+    {"cpu_cfg_accumulate", cpu_cfg_accumulate, METH_VARARGS,
+     "cfg_accumulate's CPU fast path: out, or None"},
     {"lists_ok", lists_ok, METH_VARARGS,
      "lists_ok(lists: tuple, written: int) -> bool: the common case of the list ops' checks"},
     {"cpu_multi_dot", cpu_multi_dot, METH_VARARGS, "multi_dot's CPU fast path, or None"},

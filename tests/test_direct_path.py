@@ -253,3 +253,15 @@ def test_fast_path_declines_what_is_not_the_common_case(python_dispatch_refused)
             call()
         if err is AssertionError:  # valid input: it reached the Python dispatch
             assert "went through the Python dispatch" in str(info.value), (i, info.value)
+
+
+def test_cfg_accumulate_takes_the_fast_path(python_dispatch_refused):
+    x0 = torch.randn(4, 3)
+    grads = torch.randn(2, 4, 3)
+    w = torch.rand(2)
+    out = nk.cfg_accumulate(x0, grads, w, eta=0.5, scale=torch.rand(2, 4))
+    out2 = nk.cfg_accumulate(x0, list(grads), w, eta=0.5, out=torch.empty_like(x0))
+    assert out.shape == x0.shape and out2.shape == x0.shape
+    v0 = x0._version
+    assert nk.cfg_accumulate(x0, grads, w, out=x0) is x0  # in place
+    assert x0._version > v0

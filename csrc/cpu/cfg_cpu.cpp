@@ -139,9 +139,121 @@ void cfg_dispatch(const at::Tensor& x0, const std::vector<at::Tensor>& grads,
   if (hazard) out.copy_(target);
 }
 
+// The coefficients coefficients() computes, read in place from any floating dtype and strides
+// (no temporary tensors): (A(w_m) * A(eta)) * A(s_mb), each factor first widened to double.
+template <typename A>
+std::vector<A> coefficients_inplace(const at::Tensor& weights, double eta,
+                                    const std::optional<at::Tensor>& scale, int64_t M,
+                                    int64_t B) {
+  std::vector<double> w(static_cast<size_t>(M));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weights.scalar_type(), "coef_w", [&] {
+    const scalar_t* p = weights.const_data_ptr<scalar_t>();
+    for (int64_t m = 0; m < M; ++m) w[m] = static_cast<double>(p[m * weights.stride(0)]);
+  });
+  std::vector<A> coef(static_cast<size_t>(M * B));
+  for (int64_t m = 0; m < M; ++m) coef[m * B] = static_cast<A>(w[m]) * static_cast<A>(eta);
+  if (scale.has_value()) {
+    const at::Tensor& s = *scale;  // (M, B)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "coef_s", [&] {
+      const scalar_t* p = s.const_data_ptr<scalar_t>();
+      for (int64_t m = 0; m < M; ++m) {
+        const A wm = coef[m * B];
+        for (int64_t b = 0; b < B; ++b)
+          coef[m * B + b] = wm * static_cast<A>(static_cast<double>(
+              p[m * s.stride(0) + b * s.stride(1)]));
+      }
+    });
+  }
+  return coef;
+}
+
+// cfg_accumulate when out, x0 and every gradient are contiguous and out overlaps no input other
+// than by being x0 itself: accumulate()'s unit-stride block loop over raw pointers, without the
+// per-gradient views, the layout and the temporary coefficient tensors (what a small problem
+// pays for). The same additions in the same order per element, so bit-identical to it.
+template <typename T>
+void accumulate_contiguous(T* out, const T* x0, const std::vector<const T*>& g, int64_t N,
+                           const std::vector<acc_t<T>>& coef, int64_t B) {
+  using A = acc_t<T>;
+  if (N == 0) return;
+  const int64_t M = static_cast<int64_t>(g.size());
+  const int64_t row = N / B;
+  constexpr int64_t kBlock = 2048;
+  at::parallel_for(0, N, kChunk, [&](int64_t begin, int64_t end) {
+    A buf[kBlock];
+    int64_t pos = begin;
+    while (pos < end) {
+      const int64_t r = pos / row;
+      const int64_t seg_end = std::min({end, (r + 1) * row, pos + kBlock});
+      const int64_t n = seg_end - pos;
+      const A* c = coef.data() + r;
+      for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<A>(x0[pos + j]);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {
+        const A c0 = c[m * B], c1 = c[(m + 1) * B], c2 = c[(m + 2) * B], c3 = c[(m + 3) * B];
+        const T *g0 = g[m] + pos, *g1 = g[m + 1] + pos, *g2 = g[m + 2] + pos,
+                *g3 = g[m + 3] + pos;
+        for (int64_t j = 0; j < n; ++j) {
+          A v = buf[j];
+          v = v + c0 * static_cast<A>(g0[j]);
+          v = v + c1 * static_cast<A>(g1[j]);
+          v = v + c2 * static_cast<A>(g2[j]);
+          v = v + c3 * static_cast<A>(g3[j]);
+          buf[j] = v;
+        }
+      }
+      for (; m < M; ++m) {
+        const A cm = c[m * B];
+        const T* gm = g[m] + pos;
+        for (int64_t j = 0; j < n; ++j) buf[j] = buf[j] + cm * static_cast<A>(gm[j]);
+      }
+      for (int64_t j = 0; j < n; ++j) out[pos + j] = static_cast<T>(buf[j]);
+      pos = seg_end;
+    }
+  });
+}
+
+// The contiguous path above when it applies to (out, x0, grads); false otherwise.
+bool try_contiguous(const at::Tensor& x0, const std::vector<const at::Tensor*>& grads,
+                    const at::Tensor& weights, double eta, const std::optional<at::Tensor>& scale,
+                    const at::Tensor& out) {
+  if (!out.is_contiguous() || !x0.is_contiguous()) return false;
+  if (nk::overlap_hazard(out, x0)) return false;
+  for (const at::Tensor* g : grads)
+    if (!g->is_contiguous() || nk::overlap_hazard(out, *g)) return false;
+  if (out.numel() == 0) return true;  // nothing to write (and an empty batch has no rows)
+  const int64_t M = static_cast<int64_t>(grads.size());
+  const int64_t B = scale.has_value() ? x0.size(0) : 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "cfg_cpu_flat", [&] {
+    auto coef = coefficients_inplace<acc_t<scalar_t>>(weights, eta, scale, M, B);
+    std::vector<const scalar_t*> g(static_cast<size_t>(M));
+    for (int64_t m = 0; m < M; ++m) g[m] = grads[m]->const_data_ptr<scalar_t>();
+    accumulate_contiguous<scalar_t>(out.data_ptr<scalar_t>(), x0.const_data_ptr<scalar_t>(), g,
+                                    out.numel(), coef, B);
+  });
+  return true;
+}
+
 void cfg_accumulate_cpu(const at::Tensor& x0, const at::Tensor& grads, const at::Tensor& weights,
                         double eta, const std::optional<at::Tensor>& scale,
                         const at::Tensor& out) {
+  if (grads.is_contiguous() && out.is_contiguous() && x0.is_contiguous() &&
+      !nk::overlap_hazard(out, x0) && !nk::overlap_hazard(out, grads)) {
+    const int64_t M = grads.size(0);
+    const int64_t N = x0.numel();
+    if (N == 0) return;  // nothing to write (and an empty batch has no rows)
+    const int64_t B = scale.has_value() ? x0.size(0) : 1;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "cfg_cpu_flat",
+                                    [&] {
+      auto coef = coefficients_inplace<acc_t<scalar_t>>(weights, eta, scale, M, B);
+      const scalar_t* base = grads.const_data_ptr<scalar_t>();
+      std::vector<const scalar_t*> g(static_cast<size_t>(M));
+      for (int64_t m = 0; m < M; ++m) g[m] = base + m * N;
+      accumulate_contiguous<scalar_t>(out.data_ptr<scalar_t>(), x0.const_data_ptr<scalar_t>(),
+                                      g, N, coef, B);
+    });
+    return;
+  }
   std::vector<at::Tensor> list;
   list.reserve(grads.size(0));
   for (int64_t m = 0; m < grads.size(0); ++m) list.push_back(grads.select(0, m));
@@ -151,6 +263,10 @@ void cfg_accumulate_cpu(const at::Tensor& x0, const at::Tensor& grads, const at:
 void cfg_accumulate_list_cpu(const at::Tensor& x0, at::TensorList grads,
                              const at::Tensor& weights, double eta,
                              const std::optional<at::Tensor>& scale, const at::Tensor& out) {
+  std::vector<const at::Tensor*> ptrs;
+  ptrs.reserve(grads.size());
+  for (const auto& g : grads) ptrs.push_back(&g);
+  if (try_contiguous(x0, ptrs, weights, eta, scale, out)) return;
   cfg_dispatch(x0, grads.vec(), weights, eta, scale, out);
 }
 

@@ -176,6 +176,12 @@ def cfg_accumulate(
         RuntimeError: an ``out`` that requires grad (or a view of one) outside
             ``torch.no_grad()``. Nothing is written when it raises.
     """
+    if (isinstance(x0, Tensor)
+            and v.cpu_fast("cfg_accumulate" if isinstance(grads, Tensor) else "cfg_accumulate_list")
+            and v.plain_number(eta, v.acc_dtype(x0.dtype))):
+        result = v.native.cpu_cfg_accumulate(x0, grads, weights, eta, scale, out)
+        if result is not None:  # design §8.1: checked and run in C++
+            return result
     v.tensor("x0", x0)
     v.tensor("weights", weights)
     if weights.dim() != 1 or weights.shape[0] == 0:
