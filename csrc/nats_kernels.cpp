@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -429,7 +430,50 @@ static PyObject* cpu_cfg_accumulate(PyObject*, PyObject* args) {
   NK_FAST_CATCH
 }
 
+// aw_weights(dots, real_logits, fake_logits, normalized, alpha1, alpha2, delta, eps): the
+// Python numbers checked by the caller; dots a (3,) tensor, the logits non-empty, all plain
+// floating CPU tensors. Returns (w_r, w_f, case), or None when not the common case.
+static PyObject* cpu_aw_weights(PyObject*, PyObject* args) {
+  PyObject *dotso, *realo, *fakeo;
+  int normalized;
+  double a1, a2, delta, eps;
+  if (!PyArg_ParseTuple(args, "OOOpdddd", &dotso, &realo, &fakeo, &normalized, &a1, &a2, &delta,
+                        &eps))
+    return nullptr;
+  NK_FAST_TRY
+  if (!env_allows_cpu()) Py_RETURN_NONE;
+  const at::Tensor* dots = cpu_tensor(dotso);
+  const at::Tensor* real = cpu_tensor(realo);
+  const at::Tensor* fake = cpu_tensor(fakeo);
+  if (dots == nullptr || real == nullptr || fake == nullptr || dots->dim() != 1 ||
+      dots->size(0) != 3 || real->numel() == 0 || fake->numel() == 0)
+    Py_RETURN_NONE;
+  static const auto op =
+      ext_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+          const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, double, double, double,
+          double)>("nats_kernels_ext::aw_weights");
+  auto result = without_gil(
+      [&] { return op.call(*dots, *real, *fake, normalized != 0, a1, a2, delta, eps); });
+  PyObject* wr = THPVariable_Wrap(std::move(std::get<0>(result)));
+  PyObject* wf = THPVariable_Wrap(std::move(std::get<1>(result)));
+  PyObject* cs = THPVariable_Wrap(std::move(std::get<2>(result)));
+  if (wr == nullptr || wf == nullptr || cs == nullptr) {
+    Py_XDECREF(wr);
+    Py_XDECREF(wf);
+    Py_XDECREF(cs);
+    return nullptr;
+  }
+  PyObject* tuple = PyTuple_Pack(3, wr, wf, cs);
+  Py_DECREF(wr);
+  Py_DECREF(wf);
+  Py_DECREF(cs);
+  return tuple;
+  NK_FAST_CATCH
+}
+
 static PyMethodDef nats_kernels_methods[] = {
+    {"cpu_aw_weights", cpu_aw_weights, METH_VARARGS,
+     "aw_weights' CPU fast path: (w_r, w_f, case), or None"},
     {"cpu_cfg_accumulate", cpu_cfg_accumulate, METH_VARARGS,
      "cfg_accumulate's CPU fast path: out, or None"},
     {"lists_ok", lists_ok, METH_VARARGS,
