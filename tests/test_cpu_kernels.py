@@ -112,6 +112,33 @@ def test_reductions_bit_identical_across_runs_and_thread_counts(dtype, monkeypat
     assert_close(first[3], ref[1], acc, "aw w_f")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dots_sum_in_float64_whatever_the_input_dtype(dtype, monkeypatch):
+    """The dot kernels widen every element to float64 (exact) and form and sum the products in
+    float64 (csrc/cpu/nk_cpu_dots.h), with the same lanes for every dtype and any alignment: on
+    lower-precision inputs they give the float64 kernel's sums on the widened copies, rounded once.
+    A product or partial sum kept in float32 would break this. Views start at every offset mod 4
+    and run lengths straddle the 16-lane blocks; <gF, gF>, which iga_ratio skips, is chosen huge
+    so that leaving it out must not change iga_ratio's bits."""
+    monkeypatch.delenv("NATS_KERNELS_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(5)
+    a, b = [], []
+    for k, n in enumerate((15, 16, 17, 33, 1000, 4099, CHUNK + 21)):
+        off = k % 4
+        x = torch.randn(n + off, generator=g).to(dtype)[off:]
+        # b nearly cancels against a (<a,b> small against |a||b|) and carries large values.
+        y = (1e3 * torch.randn(n + off, generator=g)).to(dtype)[off:]
+        y[: n // 2] = (-x[: n // 2].float() + 1e-2 * torch.randn(n // 2, generator=g)).to(dtype)
+        a.append(x)
+        b.append(y)
+    got = nk.multi_dot(a, b)
+    want = nk.multi_dot(doubles(a), doubles(b))
+    assert same_bits(got, want.float()), (got, want)
+    assert same_bits(nk.iga_ratio(a, b), nk.iga_ratio(doubles(a), doubles(b)).float())
+    d = want
+    assert same_bits(nk.iga_ratio(doubles(a), doubles(b)), d[2] / (d[0] + 1e-12))
+
+
 def test_reductions_are_order_sensitive_enough_to_test():
     """Guard for the test above: float32 sums of these lists do depend on the order, so
     bit-identity across thread counts is a real property of the kernels, not a coincidence."""

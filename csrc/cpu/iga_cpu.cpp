@@ -12,10 +12,11 @@
 namespace nk_cpu {
 namespace {
 
-// r = <gf, gF> / (<gf, gf> + eps): float64 sums (deterministic, see nk_cpu_dots.h), the
-// division in float64, one rounding to float32 (float64 for float64 inputs).
+// r = <gf, gF> / (<gf, gf> + eps): float64 sums (deterministic, see nk_cpu_dots.h; the
+// <gF, gF> that multi_dot also computes is skipped), the division in float64, one rounding to
+// float32 (float64 for float64 inputs).
 at::Tensor iga_ratio_cpu(at::TensorList gf, at::TensorList gF, double eps) {
-  const auto d = list_dots(gf, gF);
+  const auto d = list_dots</*kBB=*/false>(gf, gF);
   const double r = d[2] / (d[0] + eps);
   return at::scalar_tensor(r, gf[0].options().dtype(reduce_dtype(gf[0].scalar_type())));
 }
