@@ -321,7 +321,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description="One annealed-CFG stage and generate: AnnealedCFG against a port of the "
+                    "official loop")
     p.add_argument("--quick", action="store_true", help="M=3, N=128, 2 epochs, 2 repetitions")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
