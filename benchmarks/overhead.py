@@ -99,7 +99,7 @@ def cases(numel: int, count: int) -> list[tuple[str, str, dict, int]]:
          {"ours": lambda: nk.iga_correction_(out, b, r),
           "baseline": lambda: torch._foreach_add_(out, b, alpha=-1e-3)}, 3 * nbytes),
     ]
-    for op, _, fns, _ in rows:
+    for _, _, fns, _ in rows:
         fns["foreach_mul"] = lambda: torch._foreach_mul(a, 2.0)
     # One sample tensor (B, d) of the same size for the CFG ops.
     x = torch.randn(numel * count // 64, 64)

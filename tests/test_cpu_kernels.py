@@ -362,12 +362,12 @@ def test_median_small_problems_in_parallel(d, cross, monkeypatch, threads):
         torch.set_num_threads(n_threads)
         run = []
         for budget in (None, 100_000):
-            got, paths = ran_paths(lambda: nk.median_pairwise_distance(
+            got, paths = ran_paths(lambda budget=budget: nk.median_pairwise_distance(
                 x, y, batched=True, memory_budget=budget))
             assert paths == [batch - 1, 0], (n_threads, budget, paths)  # the NaN one: no path
             assert torch.isnan(got[3]) and not torch.isnan(got[torch.arange(batch) != 3]).any()
-            single = alone(lambda a, b: nk.median_pairwise_distance(a, b, memory_budget=budget),
-                           x, y)
+            single = alone(lambda a, b, budget=budget: nk.median_pairwise_distance(
+                a, b, memory_budget=budget), x, y)
             assert same_bits(got, single), (n_threads, budget, got, single)
             run.append(got)
             got = nk.median_pairwise_distance(lat_x, lat_y, batched=True, squared=True,
