@@ -137,12 +137,20 @@ static bool floating(c10::ScalarType t) {
          t == c10::ScalarType::Float || t == c10::ScalarType::Double;
 }
 
-// A 0-d floating CPU tensor that autograd has nothing to record for.
-static bool cpu_scalar(PyObject* obj) {
-  if (!THPVariable_CheckExact(obj)) return false;
+// A plain floating CPU tensor (Tensor or Parameter) that autograd has nothing to record for.
+static const at::Tensor* cpu_tensor(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(obj);
-  return t.defined() && t.dim() == 0 && floating(t.scalar_type()) && t.device().is_cpu() &&
-         !(at::GradMode::is_enabled() && t.requires_grad());
+  if (!t.defined() || !floating(t.scalar_type()) || !t.device().is_cpu() ||
+      (at::GradMode::is_enabled() && t.requires_grad()))
+    return nullptr;
+  return &t;
+}
+
+// A 0-d one of those.
+static bool cpu_scalar(PyObject* obj) {
+  const at::Tensor* t = cpu_tensor(obj);
+  return t != nullptr && t->dim() == 0;
 }
 
 // lists_ok on CPU tensors whose written ones can take a version bump (not inference tensors).
@@ -337,16 +345,6 @@ static PyObject* cpu_cfg_step_(PyObject*, PyObject* args) {
   xt.unsafeGetTensorImpl()->bump_version();
   Py_RETURN_TRUE;
   NK_FAST_CATCH
-}
-
-// A plain floating CPU tensor (Tensor or Parameter) that autograd has nothing to record for.
-static const at::Tensor* cpu_tensor(PyObject* obj) {
-  if (!THPVariable_CheckExact(obj)) return nullptr;
-  const at::Tensor& t = THPVariable_Unpack(obj);
-  if (!t.defined() || !floating(t.scalar_type()) || !t.device().is_cpu() ||
-      (at::GradMode::is_enabled() && t.requires_grad()))
-    return nullptr;
-  return &t;
 }
 
 // cfg_accumulate(x0, grads, weights, eta, scale, out): grads a stacked (M, *x0.shape) tensor or

@@ -48,6 +48,32 @@ std::vector<A> coefficients(const at::Tensor& weights, double eta,
   return coef;
 }
 
+// buf[j] = buf[j] + sum_m c[m * B] * grad(m)[j] for j < n, in the one order both accumulation
+// loops below use (so the contiguous one stays bit-identical to the layout-aware one): four
+// gradients per sweep of the accumulator (acc + c0*g0, then + c1*g1, ...: the same additions in
+// the same order per element, a quarter of the accumulator traffic), then the rest one by one.
+template <typename T, typename A, typename G>
+inline void add_gradients(A* buf, int64_t n, const A* c, int64_t B, int64_t M, G grad) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {
+    const A c0 = c[m * B], c1 = c[(m + 1) * B], c2 = c[(m + 2) * B], c3 = c[(m + 3) * B];
+    const T *g0 = grad(m), *g1 = grad(m + 1), *g2 = grad(m + 2), *g3 = grad(m + 3);
+    for (int64_t j = 0; j < n; ++j) {
+      A v = buf[j];
+      v = v + c0 * static_cast<A>(g0[j]);
+      v = v + c1 * static_cast<A>(g1[j]);
+      v = v + c2 * static_cast<A>(g2[j]);
+      v = v + c3 * static_cast<A>(g3[j]);
+      buf[j] = v;
+    }
+  }
+  for (; m < M; ++m) {
+    const A cm = c[m * B];
+    const T* gm = grad(m);
+    for (int64_t j = 0; j < n; ++j) buf[j] = buf[j] + cm * static_cast<A>(gm[j]);
+  }
+}
+
 // out = x0 + sum_m coef[m * B + row] * grads[m]; out, x0, grads share a shape; B == 1 means no
 // per-sample factor, else B == x0.size(0).
 template <typename T>
@@ -74,26 +100,7 @@ void accumulate(const at::Tensor& out, const at::Tensor& x0, const std::vector<a
     const T* x = p[1];
     if (L.unit_inner) {
       for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<A>(x[j]);
-      // Four gradients per sweep of the accumulator: the same additions in the same order per
-      // element (acc + c0*g0, then + c1*g1, ...), a quarter of the accumulator traffic.
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) {
-        const A c0 = c[m * B], c1 = c[(m + 1) * B], c2 = c[(m + 2) * B], c3 = c[(m + 3) * B];
-        const T *g0 = p[2 + m], *g1 = p[3 + m], *g2 = p[4 + m], *g3 = p[5 + m];
-        for (int64_t j = 0; j < n; ++j) {
-          A v = buf[j];
-          v = v + c0 * static_cast<A>(g0[j]);
-          v = v + c1 * static_cast<A>(g1[j]);
-          v = v + c2 * static_cast<A>(g2[j]);
-          v = v + c3 * static_cast<A>(g3[j]);
-          buf[j] = v;
-        }
-      }
-      for (; m < M; ++m) {
-        const A cm = c[m * B];
-        const T* g = p[2 + m];
-        for (int64_t j = 0; j < n; ++j) buf[j] = buf[j] + cm * static_cast<A>(g[j]);
-      }
+      add_gradients<T>(buf, n, c, B, M, [&](int64_t m) -> const T* { return p[2 + m]; });
       for (int64_t j = 0; j < n; ++j) o[j] = static_cast<T>(buf[j]);
     } else {
       const int64_t sx = st[1];
@@ -188,25 +195,7 @@ void accumulate_contiguous(T* out, const T* x0, const std::vector<const T*>& g, 
       const int64_t n = seg_end - pos;
       const A* c = coef.data() + r;
       for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<A>(x0[pos + j]);
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) {
-        const A c0 = c[m * B], c1 = c[(m + 1) * B], c2 = c[(m + 2) * B], c3 = c[(m + 3) * B];
-        const T *g0 = g[m] + pos, *g1 = g[m + 1] + pos, *g2 = g[m + 2] + pos,
-                *g3 = g[m + 3] + pos;
-        for (int64_t j = 0; j < n; ++j) {
-          A v = buf[j];
-          v = v + c0 * static_cast<A>(g0[j]);
-          v = v + c1 * static_cast<A>(g1[j]);
-          v = v + c2 * static_cast<A>(g2[j]);
-          v = v + c3 * static_cast<A>(g3[j]);
-          buf[j] = v;
-        }
-      }
-      for (; m < M; ++m) {
-        const A cm = c[m * B];
-        const T* gm = g[m] + pos;
-        for (int64_t j = 0; j < n; ++j) buf[j] = buf[j] + cm * static_cast<A>(gm[j]);
-      }
+      add_gradients<T>(buf, n, c, B, M, [&](int64_t m) { return g[m] + pos; });
       for (int64_t j = 0; j < n; ++j) out[pos + j] = static_cast<T>(buf[j]);
       pos = seg_end;
     }
