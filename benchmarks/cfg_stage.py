@@ -51,6 +51,7 @@ import sys
 import time
 from pathlib import Path
 
+import nkbench  # benchmarks/ (the script's folder)
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -354,7 +355,7 @@ def main(argv=None) -> int:
                   flush=True)
     meta = {
         "date": date,
-        "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs",
+        "machine": f"{nkbench.cpu_model()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": "python benchmarks/cfg_stage.py " + " ".join(argv),
@@ -372,17 +373,6 @@ def main(argv=None) -> int:
     Path(f"{stem}.md").write_text(markdown(meta, rows))
     print(f"wrote {stem}.json and {stem}.md")
     return 0
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
