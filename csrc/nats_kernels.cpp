@@ -19,8 +19,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -137,6 +139,37 @@ static bool floating(c10::ScalarType t) {
          t == c10::ScalarType::Float || t == c10::ScalarType::Double;
 }
 
+// A Python float or int (not a bool) that is finite and within the range of the math type
+// (float64 when `wide`, else float32), as _validate.finite(..., dtype=) accepts; its value in
+// *out.
+// Ints only up to 2**53 in magnitude (exact as doubles). Anything else declines (false) to the
+// Python checks, which own the messages; never raises.
+static bool plain_number(PyObject* obj, bool wide, double* out) {
+  if (PyFloat_CheckExact(obj)) {
+    const double v = PyFloat_AS_DOUBLE(obj);
+    const double largest = wide ? std::numeric_limits<double>::max()
+                                : static_cast<double>(std::numeric_limits<float>::max());
+    if (!std::isfinite(v) || std::fabs(v) > largest) return false;
+    *out = v;
+    return true;
+  }
+  if (PyLong_CheckExact(obj)) {
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (v == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    constexpr long long kExact = 1LL << 53;
+    if (overflow != 0 || v > kExact || v < -kExact) return false;
+    *out = static_cast<double>(v);
+    return true;
+  }
+  return false;
+}
+
+static bool wide_math(c10::ScalarType t) { return t == c10::ScalarType::Double; }
+
 // A plain floating CPU tensor (Tensor or Parameter) that autograd has nothing to record for.
 static const at::Tensor* cpu_tensor(PyObject* obj) {
   if (!THPVariable_CheckExact(obj)) return nullptr;
@@ -224,10 +257,11 @@ static PyObject* cpu_multi_dot(PyObject*, PyObject* args) {
 }
 
 static PyObject* cpu_iga_ratio(PyObject*, PyObject* args) {
-  PyObject *gf, *gF;
-  double eps;
-  if (!PyArg_ParseTuple(args, "OOd", &gf, &gF, &eps)) return nullptr;
+  PyObject *gf, *gF, *eps_obj;
+  if (!PyArg_ParseTuple(args, "OOO", &gf, &gF, &eps_obj)) return nullptr;
   NK_FAST_TRY
+  double eps = 0.0;
+  if (!plain_number(eps_obj, /*wide=*/true, &eps) || !(eps >= 0.0)) Py_RETURN_NONE;
   PyObject* lists = PyTuple_Pack(2, gf, gF);
   if (lists == nullptr) return nullptr;
   const bool ok = env_allows_cpu() && cpu_lists_ok(lists, 0);
@@ -287,34 +321,28 @@ static PyObject* cpu_iga_correction_(PyObject*, PyObject* args) {
   NK_FAST_CATCH
 }
 
-// cfg_step_(x, grad, weight, eta, scale): eta a Python number the caller has checked, weight a
-// 0-d tensor or a Python number the caller has checked (made a 0-d tensor of the math type, as
-// the Python path's _validate.scalar makes it), scale None or a (B,) floating CPU tensor with
-// B = x.size(0).
+// cfg_step_(x, grad, weight, eta, scale): eta a Python number, weight a Python number (made a
+// 0-d tensor of the math type, as the Python path's _validate.scalar makes it) or a 0-d plain
+// floating CPU tensor, scale None or a (B,) one with B = x.size(0); x and grad what lists_ok
+// accepts as ([x], [grad]) with x written, on CPU, x not an inference tensor. Checked here
+// directly, without building the lists.
 static PyObject* cpu_cfg_step_(PyObject*, PyObject* args) {
-  PyObject *x, *grad, *weight, *scale;
-  double eta;
-  if (!PyArg_ParseTuple(args, "OOOdO", &x, &grad, &weight, &eta, &scale)) return nullptr;
+  PyObject *x, *grad, *weight, *eta_obj, *scale;
+  if (!PyArg_ParseTuple(args, "OOOOO", &x, &grad, &weight, &eta_obj, &scale)) return nullptr;
   NK_FAST_TRY
-  const bool weight_number = PyFloat_Check(weight) || PyLong_Check(weight);
-  if (!env_allows_cpu() || !(weight_number || cpu_scalar(weight))) Py_RETURN_FALSE;
-  PyObject* xs = PyList_New(1);
-  PyObject* gs = PyList_New(1);
-  PyObject* lists = (xs && gs) ? PyTuple_Pack(2, xs, gs) : nullptr;
-  bool ok = false;
-  if (lists != nullptr) {
-    Py_INCREF(x);
-    Py_INCREF(grad);
-    PyList_SET_ITEM(xs, 0, x);
-    PyList_SET_ITEM(gs, 0, grad);
-    ok = cpu_lists_ok(lists, 1);
-  }
-  Py_XDECREF(lists);
-  Py_XDECREF(xs);
-  Py_XDECREF(gs);
-  if (PyErr_Occurred()) return nullptr;
-  if (!ok) Py_RETURN_FALSE;
-  const at::Tensor& xt = THPVariable_Unpack(x);
+  if (!env_allows_cpu()) Py_RETURN_FALSE;
+  const at::Tensor* xp = cpu_tensor(x);
+  const at::Tensor* gp = cpu_tensor(grad);
+  if (xp == nullptr || gp == nullptr || gp->scalar_type() != xp->scalar_type() ||
+      !gp->sizes().equals(xp->sizes()) || !xp->is_contiguous() || xp->is_inference() ||
+      (at::GradMode::is_enabled() && xp->is_view() && xp->_base().requires_grad()))
+    Py_RETURN_FALSE;
+  const at::Tensor& xt = *xp;
+  const bool wide = wide_math(xt.scalar_type());
+  double eta = 0.0, w = 0.0;
+  if (!plain_number(eta_obj, wide, &eta)) Py_RETURN_FALSE;
+  const bool weight_number = plain_number(weight, wide, &w);
+  if (!weight_number && !cpu_scalar(weight)) Py_RETURN_FALSE;
   std::optional<at::Tensor> st;
   if (scale != Py_None) {
     if (!THPVariable_CheckExact(scale)) Py_RETURN_FALSE;
@@ -328,13 +356,10 @@ static PyObject* cpu_cfg_step_(PyObject*, PyObject* args) {
   static const auto op = ext_op<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                      double, const std::optional<at::Tensor>&)>(
       "nats_kernels_ext::cfg_step_");
-  const at::Tensor& gt = THPVariable_Unpack(grad);
+  const at::Tensor& gt = *gp;
   at::Tensor wt;
   if (weight_number) {
-    const double w = PyFloat_AsDouble(weight);
-    if (PyErr_Occurred()) return nullptr;
-    wt = at::scalar_tensor(w, at::TensorOptions().dtype(
-        xt.scalar_type() == c10::ScalarType::Double ? at::kDouble : at::kFloat));
+    wt = at::scalar_tensor(w, at::TensorOptions().dtype(wide ? at::kDouble : at::kFloat));
   } else {
     wt = THPVariable_Unpack(weight);
   }
@@ -348,18 +373,20 @@ static PyObject* cpu_cfg_step_(PyObject*, PyObject* args) {
 }
 
 // cfg_accumulate(x0, grads, weights, eta, scale, out): grads a stacked (M, *x0.shape) tensor or
-// a list/tuple of M tensors shaped like x0; eta a Python number the caller has checked; out
+// a list/tuple of M tensors shaped like x0; eta a plain_number; out
 // None (a new tensor like x0) or a contiguous tensor like x0 that may be written (as
 // _validate.out_arg allows). Returns out, or None when not the common case.
 static PyObject* cpu_cfg_accumulate(PyObject*, PyObject* args) {
-  PyObject *x0o, *gradso, *wo, *scaleo, *outo;
-  double eta;
-  if (!PyArg_ParseTuple(args, "OOOdOO", &x0o, &gradso, &wo, &eta, &scaleo, &outo)) return nullptr;
+  PyObject *x0o, *gradso, *wo, *eta_obj, *scaleo, *outo;
+  if (!PyArg_ParseTuple(args, "OOOOOO", &x0o, &gradso, &wo, &eta_obj, &scaleo, &outo))
+    return nullptr;
   NK_FAST_TRY
   if (!env_allows_cpu()) Py_RETURN_NONE;
   const at::Tensor* x0 = cpu_tensor(x0o);
   const at::Tensor* w = cpu_tensor(wo);
   if (x0 == nullptr || w == nullptr || w->dim() != 1 || w->size(0) < 1) Py_RETURN_NONE;
+  double eta = 0.0;
+  if (!plain_number(eta_obj, wide_math(x0->scalar_type()), &eta)) Py_RETURN_NONE;
   const int64_t M = w->size(0);
   const auto dtype = x0->scalar_type();
   const bool grad_on = at::GradMode::is_enabled();
@@ -428,30 +455,34 @@ static PyObject* cpu_cfg_accumulate(PyObject*, PyObject* args) {
   NK_FAST_CATCH
 }
 
-// aw_weights(dots, real_logits, fake_logits, normalized, alpha1, alpha2, delta, eps): the
-// Python numbers checked by the caller; dots a (3,) tensor, the logits non-empty, all plain
+// aw_weights(dots, real_logits, fake_logits, normalized, alpha1, alpha2, delta, eps): normalized
+// a bool, the others plain numbers (eps >= 0); dots a (3,) tensor, the logits non-empty, all plain
 // floating CPU tensors. Returns (w_r, w_f, case), or None when not the common case.
 static PyObject* cpu_aw_weights(PyObject*, PyObject* args) {
-  PyObject *dotso, *realo, *fakeo;
-  int normalized;
-  double a1, a2, delta, eps;
-  if (!PyArg_ParseTuple(args, "OOOpdddd", &dotso, &realo, &fakeo, &normalized, &a1, &a2, &delta,
-                        &eps))
+  PyObject *dotso, *realo, *fakeo, *normo, *a1o, *a2o, *deltao, *epso;
+  if (!PyArg_ParseTuple(args, "OOOOOOOO", &dotso, &realo, &fakeo, &normo, &a1o, &a2o, &deltao,
+                        &epso))
     return nullptr;
   NK_FAST_TRY
-  if (!env_allows_cpu()) Py_RETURN_NONE;
+  if (!env_allows_cpu() || !PyBool_Check(normo)) Py_RETURN_NONE;
+  const bool normalized = normo == Py_True;
   const at::Tensor* dots = cpu_tensor(dotso);
   const at::Tensor* real = cpu_tensor(realo);
   const at::Tensor* fake = cpu_tensor(fakeo);
   if (dots == nullptr || real == nullptr || fake == nullptr || dots->dim() != 1 ||
       dots->size(0) != 3 || real->numel() == 0 || fake->numel() == 0)
     Py_RETURN_NONE;
+  const bool wide = wide_math(dots->scalar_type());
+  double a1 = 0.0, a2 = 0.0, delta = 0.0, eps = 0.0;
+  if (!plain_number(a1o, wide, &a1) || !plain_number(a2o, wide, &a2) ||
+      !plain_number(deltao, wide, &delta) || !plain_number(epso, wide, &eps) || !(eps >= 0.0))
+    Py_RETURN_NONE;
   static const auto op =
       ext_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
           const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, double, double, double,
           double)>("nats_kernels_ext::aw_weights");
   auto result = without_gil(
-      [&] { return op.call(*dots, *real, *fake, normalized != 0, a1, a2, delta, eps); });
+      [&] { return op.call(*dots, *real, *fake, normalized, a1, a2, delta, eps); });
   PyObject* wr = THPVariable_Wrap(std::move(std::get<0>(result)));
   PyObject* wf = THPVariable_Wrap(std::move(std::get<1>(result)));
   PyObject* cs = THPVariable_Wrap(std::move(std::get<2>(result)));
@@ -489,4 +520,15 @@ static PyMethodDef nats_kernels_methods[] = {
 static struct PyModuleDef nats_kernels_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
                                                  nats_kernels_methods};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&nats_kernels_module); }
+// fast_path_abi: the calling convention of the cpu_<op> functions, checked by
+// nats_kernels/_validate.py (FAST_PATH_ABI) so that a stale build is not used with a Python side
+// that passes its arguments differently (2: the fast paths check their Python numbers
+// themselves).
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&nats_kernels_module);
+  if (module != nullptr && PyModule_AddIntConstant(module, "fast_path_abi", 2) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -17,23 +17,18 @@ FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch.finfo(dtype).max, looked up once (torch.finfo costs microseconds per call).
 _LARGEST = {dt: torch.finfo(dt).max for dt in FLOATING}
 
+#: The calling convention of the C++ fast paths this Python side expects (_C.fast_path_abi).
+FAST_PATH_ABI = 2
+
 try:  # the C++ pass over the common case of the list checks (csrc/nats_kernels.cpp)
     from . import _C as native
     from ._C import lists_ok as _lists_ok
-    if not hasattr(native, "cpu_cfg_step_"):  # a stale build: no CPU fast paths
+    # A stale build (its fast paths missing, or taking their arguments as an older Python side
+    # passed them): the Python checks alone.
+    if getattr(native, "fast_path_abi", 0) != FAST_PATH_ABI:
         native = None
 except ImportError:  # no extension built (or a stale one): the Python checks alone
     native = _lists_ok = None
-
-
-def plain_number(x, dtype: torch.dtype) -> bool:
-    """Whether ``x`` is a Python float or int (not a bool) that is finite and within ``dtype``'s
-    range: the common case of a hyperparameter, decided without raising (the fast paths pass
-    such a value on; anything else goes to :func:`finite` and its messages)."""
-    kind = type(x)
-    if kind is float:
-        return math.isfinite(x) and abs(x) <= _LARGEST[dtype]
-    return kind is int and abs(x) <= _LARGEST[dtype]
 
 
 def cpu_fast(op: str) -> bool:

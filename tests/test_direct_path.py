@@ -265,3 +265,91 @@ def test_cfg_accumulate_takes_the_fast_path(python_dispatch_refused):
     v0 = x0._version
     assert nk.cfg_accumulate(x0, grads, w, out=x0) is x0  # in place
     assert x0._version > v0
+
+
+# The fast paths check their Python numbers themselves (design §8.1): a float or int (not a
+# bool), finite and within the math type's range, ints up to 2**53. Each value below is either
+# served by the fast path (the fixture refuses the Python dispatch) or declined to the Python
+# checks, which then accept it (and reach the refused dispatch) or raise their own error.
+F32_MAX = torch.finfo(torch.float32).max
+SERVED = [0.25, -3, 0, 2**53, -(2**53), F32_MAX]
+DECLINED_VALID = [2**53 + 1, 10**30]  # valid (float64 math), beyond the exact int range
+DECLINED_INVALID = [(True, TypeError), (float("nan"), ValueError), (float("inf"), ValueError),
+                    (-float("inf"), ValueError), ("0.5", TypeError), (None, TypeError)]
+
+
+def _number_calls(value, dtype):
+    x, g = torch.randn(4, 3, dtype=dtype), torch.randn(4, 3, dtype=dtype)
+    dots = torch.tensor([1.0, 2.0, 0.5], dtype=dtype)
+    logits = torch.randn(4, dtype=dtype)
+    return {
+        "cfg_step_ eta": lambda: nk.cfg_step_(x, g, torch.tensor(0.5, dtype=dtype), eta=value),
+        "cfg_step_ weight": lambda: nk.cfg_step_(x, g, value, eta=0.1),
+        "cfg_accumulate eta": lambda: nk.cfg_accumulate(x, torch.stack([g, g]),
+                                                         torch.ones(2, dtype=dtype), eta=value),
+        "aw_weights alpha1": lambda: nk.aw_weights(dots, logits, logits, alpha1=value),
+        "aw_weights delta": lambda: nk.aw_weights(dots, logits, logits, delta=value),
+    }
+
+
+def _reaches_python(call):
+    with pytest.raises(AssertionError, match="went through the Python dispatch"):
+        call()
+
+
+@pytest.mark.parametrize("value", SERVED, ids=repr)
+def test_fast_paths_serve_plain_numbers(value, python_dispatch_refused):
+    for dtype in (torch.float32, torch.float64):
+        for call in _number_calls(value, dtype).values():
+            call()  # would raise AssertionError from the refused Python dispatch
+    nk.iga_ratio(_lists(), _lists(), eps=abs(value))
+
+
+@pytest.mark.parametrize("value", DECLINED_VALID, ids=repr)
+def test_fast_paths_decline_numbers_outside_the_exact_range(value, python_dispatch_refused):
+    for call in _number_calls(value, torch.float64).values():
+        _reaches_python(call)
+    _reaches_python(lambda: nk.iga_ratio(_lists(), _lists(), eps=value))
+
+
+def test_fast_paths_decline_numbers_beyond_float32_for_float32_math(python_dispatch_refused):
+    """3.5e38 fits float64 math but not float32: served for float64 tensors, refused (by the
+    Python checks, after the fast path declined) for float32 ones."""
+    for call in _number_calls(3.5e38, torch.float64).values():
+        call()
+    for call in _number_calls(3.5e38, torch.float32).values():
+        with pytest.raises(ValueError, match="range"):
+            call()
+
+
+@pytest.mark.parametrize("value,err", DECLINED_INVALID, ids=repr)
+def test_fast_paths_leave_bad_numbers_to_the_python_checks(value, err, python_dispatch_refused):
+    for call in _number_calls(value, torch.float32).values():
+        with pytest.raises(err):
+            call()
+    if value is not None:  # iga_ratio's eps has no None default meaning
+        with pytest.raises(err):
+            nk.iga_ratio(_lists(), _lists(), eps=value)
+
+
+@pytest.mark.parametrize("eps", [-1e-12, -1])
+def test_iga_ratio_fast_path_leaves_a_negative_eps_to_the_checks(eps, python_dispatch_refused):
+    with pytest.raises(ValueError, match="eps"):
+        nk.iga_ratio(_lists(), _lists(), eps=eps)
+
+
+@pytest.mark.parametrize("normalized,err", [(1, TypeError), (None, TypeError)])
+def test_aw_weights_fast_path_leaves_a_non_bool_flag_to_the_checks(normalized, err,
+                                                                  python_dispatch_refused):
+    dots, logits = torch.tensor([1.0, 2.0, 0.5]), torch.randn(4)
+    with pytest.raises(err, match="normalized"):
+        nk.aw_weights(dots, logits, logits, normalized=normalized)
+    nk.aw_weights(dots, logits, logits, normalized=False)  # served
+
+
+def test_the_build_speaks_the_fast_paths_calling_convention():
+    """A stale build with another convention would be refused (native None): this build is the
+    one the Python side expects."""
+    from nats_kernels import _C, _validate
+    assert _C.fast_path_abi == _validate.FAST_PATH_ABI
+    assert _validate.native is _C

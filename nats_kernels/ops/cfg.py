@@ -176,9 +176,7 @@ def cfg_accumulate(
         RuntimeError: an ``out`` that requires grad (or a view of one) outside
             ``torch.no_grad()``. Nothing is written when it raises.
     """
-    if (isinstance(x0, Tensor)
-            and v.cpu_fast("cfg_accumulate" if isinstance(grads, Tensor) else "cfg_accumulate_list")
-            and v.plain_number(eta, v.acc_dtype(x0.dtype))):
+    if v.cpu_fast("cfg_accumulate" if isinstance(grads, Tensor) else "cfg_accumulate_list"):
         result = v.native.cpu_cfg_accumulate(x0, grads, weights, eta, scale, out)
         if result is not None:  # design §8.1: checked and run in C++
             return result
@@ -252,10 +250,7 @@ def cfg_step_(
         TypeError / ValueError as :func:`cfg_accumulate`; ValueError if ``x`` has overlapping
         memory; RuntimeError as above. Nothing is written when it raises.
     """
-    if (isinstance(x, Tensor) and v.cpu_fast("cfg_step_")
-            and (isinstance(weight, Tensor) or v.plain_number(weight, v.acc_dtype(x.dtype)))
-            and v.plain_number(eta, v.acc_dtype(x.dtype))
-            and v.native.cpu_cfg_step_(x, grad, weight, eta, scale)):
+    if v.cpu_fast("cfg_step_") and v.native.cpu_cfg_step_(x, grad, weight, eta, scale):
         return x  # design §8.1: checked and run in C++
     common = v.common_lists(([x], [grad]), written=1)  # design §8.1: the common case in C++
     if not common:

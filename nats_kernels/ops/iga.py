@@ -48,7 +48,7 @@ def iga_ratio(gf_D: Sequence[Tensor], gF_D: Sequence[Tensor], eps: float = 1e-12
         TypeError / ValueError as :func:`nats_kernels.multi_dot`; ValueError for a negative or
         non-finite eps.
     """
-    if v.cpu_fast("iga_ratio") and v.plain_number(eps, torch.float64) and eps >= 0:
+    if v.cpu_fast("iga_ratio"):
         result = v.native.cpu_iga_ratio(gf_D, gF_D, eps)  # design §8.1: checked, run in C++
         if result is not None:
             return result
