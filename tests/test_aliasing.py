@@ -131,24 +131,31 @@ def test_cfg_grads_may_be_overlapping_views_of_one_buffer(device, backend, dtype
 
 @pytest.mark.parametrize("device,backend", cases("aw_combine_", "iga_correction_"))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_list_ops_out_may_alias_inputs_at_other_positions(device, backend, dtype):
+@pytest.mark.parametrize("extra", [0, 40], ids=["3-tensors", "43-tensors"])
+def test_list_ops_out_may_alias_inputs_at_other_positions(device, backend, dtype, extra):
     """out[p] aliasing an input at another position, or overlapping one shifted by an element:
-    the result is computed from the inputs as they were before the call."""
-    shapes = [(N,), (N,), (7, 9)]
+    the result is computed from the inputs as they were before the call. With ``extra`` more
+    positions (small tensors in one shared buffer, each its own input): the C++ overlap test
+    checks short lists pair by pair and long ones through sorted spans, both covered here."""
+    shapes = [(N,), (N,), (7, 9)] + [(3,)] * extra
     flat = make((2 * N + 1,), dtype, device, seed=20)
-    g_r = [flat[:N], flat[N + 1:], make((7, 9), dtype, device, seed=21)]
+    side = make((3 * extra,), dtype, device, seed=26)
+    tail_r = [side[3 * k:3 * k + 3] for k in range(extra)]
+    g_r = [flat[:N], flat[N + 1:], make((7, 9), dtype, device, seed=21)] + tail_r
     g_f = tensor_list(shapes, dtype, device, seed=22, layout="mixed")
     # out[0] is g_r[1]; out[1] is g_r[0] shifted by one element. (Outputs that overlap each
-    # other would be a write-write conflict: refused before dispatch.)
-    out = [g_r[1], flat[1:N + 1], make((7, 9), dtype, device, seed=23)]
+    # other would be a write-write conflict: refused before dispatch.) The extra outputs are
+    # their own inputs, disjoint views of one buffer.
+    out = [g_r[1], flat[1:N + 1], make((7, 9), dtype, device, seed=23)] + tail_r
     expected = [0.3 * r - 1.7 * f for r, f in zip(doubles(g_r), doubles(g_f))]
     nk.aw_combine_(out, g_r, g_f, 0.3, -1.7)
-    for p in range(3):
+    for p in range(len(shapes)):
         assert_close(out[p], expected[p], dtype, f"aw_combine_ out[{p}]")
 
     g = tensor_list(shapes, dtype, device, seed=24, layout="contiguous")
-    gf = [g[1], g[0], make((7, 9), dtype, device, seed=25)]  # gf[0] is g[1], gf[1] is g[0]
+    # gf[0] is g[1], gf[1] is g[0]; the extra gf[p] are g[p] itself.
+    gf = [g[1], g[0], make((7, 9), dtype, device, seed=25)] + g[3:]
     expected = [x - 0.6 * y for x, y in zip(doubles(g), doubles(gf))]
     nk.iga_correction_(g, gf, 0.6)
-    for p in range(3):
+    for p in range(len(shapes)):
         assert_close(g[p], expected[p], dtype, f"iga_correction_ g[{p}]")

@@ -231,6 +231,33 @@ def test_list_ops_many_tensors_match_reference(dtype, monkeypatch, threads):
         assert_close(o, e, dtype, f"iga_correction_ g[{p}]")
 
 
+@pytest.mark.parametrize("chunks", [1, 2, 3, 4, 5])
+def test_list_ops_around_the_parallel_grain(chunks, monkeypatch):
+    """Lists of 1-5 chunks of 32768 elements (plus one element): the list kernels go parallel
+    only with two chunks per thread (design §8.1), so these sizes cross that boundary. Results
+    are bit-identical with 1 and 2 threads, and right."""
+    monkeypatch.delenv("NATS_KERNELS_BACKEND", raising=False)
+    total = chunks * 32768 + 1
+    sizes = [total // 4, total // 4, total - 2 * (total // 4)]
+    gen = torch.Generator().manual_seed(chunks)
+    a = [torch.randn(n, generator=gen) for n in sizes]
+    b = [torch.randn(n, generator=gen) for n in sizes]
+    results = []
+    for n_threads in (2, 1):
+        torch.set_num_threads(n_threads)
+        out = [t.clone() for t in a]
+        nk.iga_correction_(out, b, torch.tensor(0.375))
+        results.append((nk.multi_dot(a, b), out))
+    torch.set_num_threads(2)
+    (d2, o2), (d1, o1) = results
+    assert same_bits(d2, d1)
+    for x, y in zip(o2, o1):
+        assert same_bits(x, y)
+    assert_close(d2, on_reference(nk.multi_dot, doubles(a), doubles(b)), torch.float32, "dots")
+    for p, (o, x, y) in enumerate(zip(o2, doubles(a), doubles(b))):
+        assert_close(o, x - 0.375 * y, torch.float32, f"iga_correction_ g[{p}]")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_aw_weights_large_logits_match_reference(dtype, monkeypatch):
     """Sigmoid means over logits spanning several chunks, in every logits dtype."""

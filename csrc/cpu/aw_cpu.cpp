@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aw_weights_cpu(
 // out[p] = w_r * g_r[p] + w_f * g_f[p] (out[p] may be g_r[p] or g_f[p] itself).
 void aw_combine_cpu(at::TensorList out, at::TensorList g_r, at::TensorList g_f,
                     const at::Tensor& w_r, const at::Tensor& w_f) {
-  combine_lists(out, g_r, g_f, w_r.item<double>(), w_f.item<double>());
+  combine_lists(out, g_r, g_f, read_scalar(w_r), read_scalar(w_f));
 }
 
 }  // namespace

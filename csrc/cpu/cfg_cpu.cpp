@@ -259,15 +259,6 @@ void cfg_accumulate_list_cpu(const at::Tensor& x0, at::TensorList grads,
   cfg_dispatch(x0, grads.vec(), weights, eta, scale, out);
 }
 
-// The value of a 0-d floating CPU tensor as a double (what .to(kDouble) gives), read in place.
-double read_scalar(const at::Tensor& t) {
-  double value = 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "read_scalar", [&] {
-    value = static_cast<double>(*t.const_data_ptr<scalar_t>());
-  });
-  return value;
-}
-
 // cfg_step_ when x and grad are contiguous and do not overlap: x[j] = x[j] + c_row * grad[j] in
 // the math type, straight over memory (no accumulator block: three streams, as x.add_ moves).
 // The same operations in the same order as accumulate() with M = 1, so bit-identical to it; the

@@ -24,7 +24,7 @@ at::Tensor iga_ratio_cpu(at::TensorList gf, at::TensorList gF, double eps) {
 // g[p] = g[p] - r * gf[p], as 1 * g[p] + (-r) * gf[p]: the same float operations (1 * x and
 // the negation are exact), computed by the list kernel aw_combine_ uses.
 void iga_correction_cpu(at::TensorList g, at::TensorList gf, const at::Tensor& r) {
-  combine_lists(g, g, gf, 1.0, -r.item<double>());
+  combine_lists(g, g, gf, 1.0, -read_scalar(r));
 }
 
 }  // namespace

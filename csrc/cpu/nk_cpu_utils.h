@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <c10/util/SmallVector.h>
@@ -133,7 +134,7 @@ struct ListPlan {
   int nops = 0;
   std::vector<Layout> layouts;          // per position
   std::vector<int64_t> prefix;          // prefix[p] = elements before position p; size P+1
-  std::vector<std::vector<void*>> data; // data[p][op]
+  std::vector<void*> data;              // data[p * nops + op]: one allocation for the list
   int64_t total = 0;
   int64_t nchunks = 0;
 };
@@ -144,17 +145,15 @@ inline ListPlan make_plan(const std::vector<at::TensorList>& lists) {
   plan.nops = static_cast<int>(lists.size());
   const size_t P = lists[0].size();
   plan.layouts.reserve(P);
-  plan.data.reserve(P);
+  plan.data.resize(P * static_cast<size_t>(plan.nops));
   plan.prefix.assign(P + 1, 0);
   std::vector<const at::Tensor*> ops(plan.nops);
   for (size_t p = 0; p < P; ++p) {
-    std::vector<void*> ptrs(plan.nops);
     for (int op = 0; op < plan.nops; ++op) {
       ops[op] = &lists[op][p];
-      ptrs[op] = lists[op][p].numel() ? lists[op][p].data_ptr() : nullptr;
+      plan.data[p * plan.nops + op] = lists[op][p].numel() ? lists[op][p].data_ptr() : nullptr;
     }
     plan.layouts.push_back(make_layout(ops));
-    plan.data.push_back(std::move(ptrs));
     plan.prefix[p + 1] = plan.prefix[p] + lists[0][p].numel();
   }
   plan.total = plan.prefix[P];
@@ -175,20 +174,36 @@ inline void for_chunk(const ListPlan& plan, int64_t c, int64_t max_run, F&& f) {
     const int64_t lo = std::max(cb, plan.prefix[p]) - plan.prefix[p];
     const int64_t hi = std::min(ce, plan.prefix[p + 1]) - plan.prefix[p];
     if (lo >= hi) continue;
-    for (int op = 0; op < plan.nops; ++op) base[op] = static_cast<T*>(plan.data[p][op]);
+    for (int op = 0; op < plan.nops; ++op) base[op] = static_cast<T*>(plan.data[p * plan.nops + op]);
     const int pp = static_cast<int>(p);
     for_range<T>(plan.layouts[p], base.data(), lo, hi, max_run,
                  [&](T* const* ptrs, const int64_t* st, int64_t n) { f(pp, ptrs, st, n); });
   }
 }
 
-// Run body(c) for every chunk, in parallel; the order of chunks across threads does not matter
-// to the callers (elementwise writes, or per-chunk partials).
+// Run body(c) for every chunk, in parallel with at least kChunksPerTask chunks per thread (so a
+// list of 2 chunks, e.g. four 16K-element tensors, runs on the calling thread: waking a second
+// thread for 32K elements costs more than it saves, and torch._foreach_* runs such lists
+// serially); the order of chunks across threads does not matter to the callers (elementwise
+// writes, or per-chunk partials), so results do not depend on it.
+constexpr int64_t kChunksPerTask = 2;
+
 template <typename F>
 inline void parallel_chunks(int64_t nchunks, F&& body) {
-  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, nchunks, kChunksPerTask, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) body(c);
   });
+}
+
+// The value of a 0-d floating CPU tensor as a double (what .item<double>() gives), read in place:
+// no dispatcher round trip, which is most of the cost of a tiny call.
+inline double read_scalar(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 0, "nats_kernels: expected a 0-d CPU tensor");
+  double value = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "read_scalar", [&] {
+    value = static_cast<double>(*t.const_data_ptr<scalar_t>());
+  });
+  return value;
 }
 
 // float32 math for float16/bfloat16/float32, float64 for float64 (design §9.1).

@@ -46,6 +46,22 @@ inline bool overlap_hazard(const at::Tensor& out, const at::Tensor& in) {
 // reading it: any overlap with out[p], p != q, or a non-identical overlap with out[q]. Callers
 // give those inputs a private copy first (rare: aliasing other than out[p] is in[p] itself).
 inline std::vector<bool> list_hazards(at::TensorList out, at::TensorList in) {
+  if (out.size() * in.size() <= 1024) {  // short lists: every pair, nothing allocated but hazard
+    std::vector<bool> hazard(in.size(), false);
+    for (size_t q = 0; q < in.size(); ++q) {
+      if (in[q].numel() == 0) continue;
+      uintptr_t lo = 0, hi = 0;
+      byte_span(in[q], lo, hi);
+      const void* storage = in[q].storage().data();
+      for (size_t p = 0; p < out.size() && !hazard[q]; ++p) {
+        if (out[p].numel() == 0 || out[p].storage().data() != storage) continue;
+        uintptr_t olo = 0, ohi = 0;
+        byte_span(out[p], olo, ohi);
+        if (olo < hi && lo < ohi) hazard[q] = p != q || overlap_hazard(out[p], in[q]);
+      }
+    }
+    return hazard;
+  }
   struct Span {
     uintptr_t lo, hi;
     size_t p;
