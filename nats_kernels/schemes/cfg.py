@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -19,9 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _validate as v
+from .._dispatch import ENV_VAR as _BACKEND_ENV
 from ..distributed import _comm
 from ..ops import cfg_step_
-from . import _grads
+from . import _cuda_graph, _grads
 
 SCALES = ("kl", "logd", "js")
 
@@ -266,6 +268,21 @@ class AnnealedCFG:
             ``AWLoss(discriminator).backward`` for aw-loss. Default: the sum's backward.
         process_group: the ``torch.distributed`` group for modules that are not DDP-wrapped;
             default: the wrappers' group, or none (one process).
+        cuda_graph: ``True``: :meth:`generate` (and so the approximator's samples in
+            :meth:`train_stage`) moves each batch by replaying a CUDA graph of the whole M-step
+            loop, captured on first use per batch layout (shape, strides, dtype; a last partial
+            batch gets its own graph; at most 8 layouts are kept). Same results as the eager
+            loop (same kernels on the same addresses); the discriminator phase's moves stay
+            eager. The graph bakes in ``eta``, ``scale``, the weights, the snapshot modules,
+            their parameters' and buffers' storage, their train/eval flags, the backend
+            override and the autocast state: a change to any of them is detected at the next
+            :meth:`generate` call, which captures anew (values copied into the snapshots in
+            place, as each stage does, need no new capture). Not detected, so not allowed: a
+            snapshot's ``forward`` that changes what it computes without changing any of the
+            above (e.g. a Python attribute it branches on). A snapshot that draws random
+            numbers (dropout in train mode) gets other draws than the eager loop. CUDA only:
+            ``ValueError`` on another device. With several processes each rank captures its
+            own graphs (``generate`` runs per rank, with no collective). Design §1.4.
 
     Attributes:
         snapshots: the ``M`` discriminator copies. ``d_optimizer``: D's optimizer.
@@ -303,6 +320,7 @@ class AnnealedCFG:
         rng: torch.Generator | None = None,
         d_backward: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor] | None = None,
         process_group=None,
+        cuda_graph: bool = False,
     ):
         self.generator = _grads.module("generator", generator)
         self.discriminator = _grads.module("discriminator", discriminator)
@@ -328,6 +346,13 @@ class AnnealedCFG:
         self.weights = _weight_tensor(weights, self.M, self.device)
         self._weights_by_dtype: dict[torch.dtype, list[Tensor]] = {}
         self._join_group(process_group)
+        self.cuda_graph = v.flag("cuda_graph", cuda_graph)
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError(
+                f"cuda_graph=True needs the models on a CUDA device, they are on {self.device} "
+                f"(CUDA graphs exist on CUDA only; leave cuda_graph=False elsewhere)"
+            )
+        self._graphs = _cuda_graph.MoveGraphs() if self.cuda_graph else None
 
         self.snapshots = [copy.deepcopy(self._D) for _ in range(self.M)]
         for snap in self.snapshots:
@@ -432,6 +457,34 @@ class AnnealedCFG:
                 cfg_step_(x, grad, ws[m], eta=eta, scale=s)
         return x
 
+    def _move_all(self, x: Tensor) -> Tensor:
+        """The loop a CUDA graph captures: ``x`` through all ``M`` snapshots, in place."""
+        return self._move(x, self.M)
+
+    def _graph_state(self, steps: int, dtype: torch.dtype) -> tuple[tuple, tuple]:
+        """The signature of what a captured loop of ``steps`` steps on ``dtype`` samples bakes in
+        (``cuda_graph=True``), and the objects it names (kept alive with the graphs).
+
+        By value: ``steps``, ``eta``, ``scale``, the ``NATS_KERNELS_BACKEND`` override (which
+        kernel ``cfg_step_`` launches), the autocast state and every snapshot submodule's
+        ``training`` flag. By identity and address: the step weights (replaced by
+        ``load_state_dict``), the snapshot modules and their parameters and buffers (``_snapshot``
+        and ``load_state_dict`` copy into them in place, which a graph sees; replacing one, e.g.
+        ``load_state_dict(assign=True)``, changes the signature). Host work only, no device read.
+        """
+        ws = self._step_weights(dtype)
+        snaps = self.snapshots[:steps]
+        tensors = [t for s in snaps for t in (*s.parameters(), *s.buffers())]
+        state = (
+            steps, dtype, self.eta, self.scale, os.environ.get(_BACKEND_ENV),
+            torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+            tuple((id(w), w.data_ptr()) for w in ws),
+            tuple(id(s) for s in snaps),
+            tuple((id(t), t.data_ptr()) for t in tensors),
+            tuple(m.training for s in snaps for m in s.modules()),
+        )
+        return state, (ws, snaps, tensors)
+
     def generate(self, n: int, *, batch_size: int | None = None, return_z: bool = False):
         """``n`` samples ``G(z)`` moved through all ``M`` snapshots, on the training device.
 
@@ -445,9 +498,18 @@ class AnnealedCFG:
         batch_size = v.integer("batch_size", n if batch_size is None else batch_size, minimum=1)
         return_z = v.flag("return_z", return_z)
         xs, zs = [], []
+        graphs, state_dtype = self._graphs, None
         for start in range(0, n, batch_size):
             z = self._z(min(batch_size, n - start))
-            xs.append(self._move(self._g_eval(z), self.M))
+            x = self._g_eval(z)
+            if graphs is None or not x.is_floating_point():
+                x = self._move(x, self.M)  # (a non-floating x raises there)
+            else:
+                if x.dtype != state_dtype:  # once per call: the check is host work per snapshot
+                    graphs.use_state(*self._graph_state(self.M, x.dtype))
+                    state_dtype = x.dtype
+                x = graphs.move(x, self._move_all, self.snapshots)
+            xs.append(x)
             zs.append(z)
         x = xs[0] if len(xs) == 1 else torch.cat(xs)
         if return_z:
