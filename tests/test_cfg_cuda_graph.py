@@ -118,7 +118,7 @@ def test_graph_path_matches_the_eager_loop_bit_for_bit_over_two_stages():
         assert graphs.captures == 2, stage
         _states_equal(graphed.generator, eager.generator)
         _states_equal(graphed.discriminator, eager.discriminator)
-        for m, (a, b) in enumerate(zip(graphed.snapshots, eager.snapshots)):
+        for a, b in zip(graphed.snapshots, eager.snapshots):
             _states_equal(a, b)  # BatchNorm statistics: no warm-up update left behind
         assert torch.equal(graphed.last_approx_loss, eager.last_approx_loss)
     for n, bs in ((20, 8), (10, 4), (6, 6)):  # (BatchNorm in train mode: no batch of 1)

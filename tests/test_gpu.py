@@ -5,6 +5,9 @@
 - an aw step (multi_dot + aw_weights + aw_combine_) and a cfg step (cfg_step_ with 0-d tensor
   weight and eta, and cfg_accumulate) are captured in a CUDA graph and replayed on new values,
   matching eager calls;
+- ``AnnealedCFG(cuda_graph=True)``: ``generate`` replaying its captured M-step loop gives the
+  eager loop's samples over two stages (re-use after the snapshots were copied into in place)
+  with a partial last batch, and replays with no host sync;
 - ``torch.compile(fullgraph=True)`` of a function calling the cfg, iga and median ops on CUDA
   tensors (test_aw_step.py / test_iga.py hold the aw and iga step compile tests; they are
   parametrized over these same backends).
@@ -17,8 +20,10 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import cases, make
+from torch import nn
 
 import nats_kernels as nk
+from nats_kernels.schemes import AnnealedCFG
 
 ALL_OPS = ("cfg_accumulate", "cfg_accumulate_list", "cfg_step_", "multi_dot", "aw_weights",
            "aw_combine_", "iga_ratio", "iga_correction_", "median_pairwise_distance")
@@ -193,3 +198,50 @@ def test_ops_compile_fullgraph_on_cuda(device, backend):
         torch.testing.assert_close(c, e, msg=lambda m, name=name: f"{name}: {m}")
     for p, (c, e) in enumerate(zip(g_compiled, g_eager)):
         torch.testing.assert_close(c, e, msg=lambda m, p=p: f"g[{p}]: {m}")
+
+
+def _graphed_cfg(scale="kl", M=4, N=100, batch_size=32):
+    """An AnnealedCFG with cuda_graph=True on small CUDA MLPs (BatchNorm in D, in train mode:
+    the snapshots update their running statistics inside the graph, as eagerly)."""
+    torch.manual_seed(0)
+    G = nn.Sequential(nn.Linear(4, 64), nn.LeakyReLU(0.2), nn.Linear(64, 8)).cuda()
+    D = nn.Sequential(nn.Linear(8, 64), nn.BatchNorm1d(64), nn.LeakyReLU(0.2),
+                      nn.Linear(64, 1)).cuda()
+    return AnnealedCFG(G, D, M=M, eta=0.5, weights=nk.annealed_weights(1.0, 0.01, M), U=2,
+                       N=N, x_epochs=2, batch_size=batch_size, z_dim=4, scale=scale,
+                       rng=torch.Generator("cuda").manual_seed(1), cuda_graph=True)
+
+
+@pytest.mark.parametrize("scale", ["kl", "logd"])
+@pytest.mark.parametrize("device,backend", GPU_CASES)
+def test_annealed_cfg_cuda_graph_generate_matches_eager(device, backend, scale):
+    cfg = _graphed_cfg(scale)
+    data = [make((32, 8), torch.float32, "cuda", seed=100 + i) for i in range(cfg.M * cfg.U)]
+    for stage in range(2):
+        cfg.train_stage(data)  # its approximator generates N = 100 in batches of 32: 32 and 4
+        assert cfg._graphs.captures == 2, f"stage {stage}: re-captured after the snapshots"
+        cfg.rng.manual_seed(10 + stage)
+        x, z = cfg.generate(100, batch_size=32, return_z=True)
+        eager = torch.cat([cfg._move(cfg._g_eval(zb), cfg.M) for zb in z.split(32)])
+        diff = (x - eager).abs().max().item()
+        moved = (x - cfg._g_eval(z)).abs().max().item()
+        print(f"stage {stage} [{backend}, {scale}]: max |graph - eager| = {diff:.3g} "
+              f"(samples moved by up to {moved:.3g})")
+        assert moved > 0
+        torch.testing.assert_close(x, eager, rtol=1e-5, atol=1e-6)
+    assert cfg._graphs.captures == 2
+
+
+@pytest.mark.parametrize("device,backend", GPU_CASES)
+def test_annealed_cfg_cuda_graph_replay_does_not_synchronize(device, backend):
+    cfg = _graphed_cfg()
+    cfg.generate(40, batch_size=16)  # captures the layouts 16 and 8 (the capture syncs)
+    assert cfg._graphs.captures == 2
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x = cfg.generate(40, batch_size=16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert cfg._graphs.captures == 2 and x.shape == (40, 8) and x.is_cuda
