@@ -23,7 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from make_results import target_rows  # noqa: E402
+from make_results import fmt_time, target_rows  # noqa: E402
+
+CFG_OP = "cfg generate"  # benchmarks/bench_cfg_generate.py
+CFG_PROVIDERS = ("official_port", "generate", "generate_graph")
 
 
 def junit_counts(path: Path) -> dict | None:
@@ -130,7 +133,30 @@ def render(out: Path, stages: dict, source: str) -> str:
             met = "not run" if r["ok"] is None else ("yes" if r["ok"] else "**missed**")
             lines.append(f"| {r['op']} | {r['size']} | `{r['provider']}` | {r['want']} | "
                          f"{r['got']} | {met} |")
+        lines += cfg_generate_rows(benches)
     return "\n".join(lines) + "\n"
+
+
+def cfg_generate_rows(benches: list[dict]) -> list[str]:
+    """AnnealedCFG.generate's medians (bench_cfg_generate.py): the official loop's port, eager
+    ``generate`` and ``cuda_graph=True``, with the graph's speed-up over both; [] if absent."""
+    times: dict[str, dict[str, float]] = {}
+    for b in benches:
+        e = b["extra_info"]
+        if e["op"] == CFG_OP and e["provider"] in CFG_PROVIDERS:
+            times.setdefault(e["size"], {})[e["provider"]] = b["stats"]["median"]
+    if not times:
+        return []
+    lines = ["", "## AnnealedCFG.generate (`bench_cfg_generate.py`, median of one call)", "",
+             "| size | official port | eager generate | cuda_graph=True | graph vs port | "
+             "graph vs eager |", "|---|---:|---:|---:|---:|---:|"]
+    for size, t in times.items():
+        cells = [fmt_time(t[p]) if p in t else "not run" for p in CFG_PROVIDERS]
+        g = t.get("generate_graph")
+        ratios = [f"{t[p] / g:.2f}x" if g and p in t else "-"
+                  for p in ("official_port", "generate")]
+        lines.append(f"| {size} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,6 +99,10 @@ class OfficialCFG:
             s.requires_grad_(False)
         self.opt_d = rmsprop(D.parameters(), lr)
         self.it = None
+        # The training device (benchmarks/bench_cfg_generate.py runs the port on a GPU): z is
+        # drawn there from rng (a generator of that device), samples are kept on the host as
+        # the official code keeps them; on the CPU every .to() below is a no-op.
+        self.device = next(G.parameters()).device
 
     def next_real(self, data):  # the official get_next
         if self.it is None:
@@ -119,7 +123,7 @@ class OfficialCFG:
         while done < num_gen:
             num = min(batch_size, num_gen - done)
             with torch.no_grad():
-                z = torch.randn(num, self.z_dim, generator=self.rng)
+                z = torch.randn(num, self.z_dim, generator=self.rng, device=self.device)
                 self.G.eval()  # is_train=False
                 fake = self.G(z)
                 self.G.train()
@@ -135,7 +139,7 @@ class OfficialCFG:
             if do_return_z:
                 if zs is None:
                     zs = torch.empty((num_gen, *z.shape[1:]), dtype=z.dtype)
-                zs[done:done + num] = z
+                zs[done:done + num] = z.to(torch.device("cpu"))
             done += num
         fakes.detach_()
         return (fakes, zs) if do_return_z else fakes
@@ -153,7 +157,7 @@ class OfficialCFG:
                 real = self.next_real(data)
                 num = real.shape[0]
                 fake = self.generate(num, t=t)
-                d_out_real, d_out_fake = self.D(real), self.D(fake)
+                d_out_real, d_out_fake = self.D(real), self.D(fake.to(self.device))
                 loss = self.d_loss(d_out_real, d_out_fake)
                 loss.backward()
                 self.opt_d.step()
@@ -170,11 +174,12 @@ class OfficialCFG:
         opt = rmsprop(self.G.parameters(), self.lr)
         last, redcount, lr = 99999999.0, 0, self.lr
         for _ in range(self.x_epochs):
-            perm = torch.randperm(self.N, generator=self.rng)  # DataLoader(shuffle=True)
+            perm = torch.randperm(self.N, generator=self.rng,  # DataLoader(shuffle=True)
+                                  device=self.device).to(torch.device("cpu"))
             losses = []
             for start in range(0, self.N, self.bs):
                 idx = perm[start:start + self.bs]
-                z, target = zs[idx], targets[idx]
+                z, target = zs[idx].to(self.device), targets[idx].to(self.device)
                 fake = self.G(z)
                 loss = ((fake - target) ** 2).sum() / 2 / fake.size(0)  # g_loss_dflt
                 losses.append(loss.item())  # float(loss)

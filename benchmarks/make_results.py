@@ -41,6 +41,10 @@ GPU_TARGETS = [
     dict(op="aw step", size="134M/16", roofline=0.80),
     dict(op="iga step", size="134M/16", roofline=0.80),
     dict(op="median_pairwise_distance", size="N50000 d3072", gemm_factor=2.0),
+    # Issue 13 item 4: AnnealedCFG.generate with cuda_graph=True (bench_cfg_generate.py) at 3x
+    # the eager port of the official loop; a target with ``providers`` names its own.
+    *(dict(op="cfg generate", size=f"{model} M15 N640/64", speedup=3.0,
+           providers=("generate_graph",)) for model in ("toy", "784")),
 ]
 GPU_TARGET_PROVIDERS = ("triton", "cuda")
 OP_TITLES = {
@@ -48,6 +52,8 @@ OP_TITLES = {
     "aw step": "aw step: multi_dot + aw_weights + aw_combine_ (design §4), fp32 (`bench_aw.py`)",
     "iga step": "iga step: iga_ratio + iga_correction_ (design §5), fp32 (`bench_iga.py`)",
     "median_pairwise_distance": "median_pairwise_distance (design §3), fp32 (`bench_median.py`)",
+    "cfg generate": "AnnealedCFG.generate, eager and cuda_graph=True, against the official loop's "
+                    "port (design §1.4), fp32 (`bench_cfg_generate.py`)",
 }
 
 
@@ -219,8 +225,8 @@ def target_rows(benches: list[dict], device: str = "cpu") -> list[dict]:
                      and b["extra_info"]["size"] == size
                      and b["extra_info"]["provider"] == provider), None)
 
-    targets = [(t, p) for t in GPU_TARGETS for p in GPU_TARGET_PROVIDERS] if device == "cuda" \
-        else [(t, TARGET_PROVIDER) for t in TARGETS]
+    targets = ([(t, p) for t in GPU_TARGETS for p in t.get("providers", GPU_TARGET_PROVIDERS)]
+               if device == "cuda" else [(t, TARGET_PROVIDER) for t in TARGETS])
     rows = []
     for t, provider in targets:
         row = dict(op=t["op"], size=t["size"], provider=provider)
@@ -262,8 +268,8 @@ def target_rows(benches: list[dict], device: str = "cpu") -> list[dict]:
 
 
 def _targets_section(benches: list[dict], device: str) -> list[str]:
-    title = ("Targets of issue 4 (`triton` and `cuda` providers" if device == "cuda"
-             else "Targets of issue 3 (`cpu` provider")
+    title = ("Targets of issue 4 (`triton` and `cuda` providers) and issue 13 (`generate_graph`"
+             if device == "cuda" else "Targets of issue 3 (`cpu` provider")
     lines = [f"## {title}, checked from this run's numbers)", "",
              "| op | size | provider | target | measured | met |", "|---|---|---|---|---|---|"]
     for r in target_rows(benches, device):

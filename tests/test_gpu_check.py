@@ -109,7 +109,32 @@ def test_summary_counts_tests_and_checks_the_gpu_targets(tmp_path):
     assert any("N50000 d3072 | `triton`" in r and r.endswith("(1.50x) | yes |") for r in rows)
     assert any("N50000 d3072 | `cuda`" in r and r.endswith("(3.00x) | **missed** |")
                for r in rows)
-    assert sum("not run" in r for r in rows) == 4  # aw and iga at 134M, both providers
+    assert sum("not run" in r for r in rows) == 6  # aw and iga at 134M, both providers;
+    # AnnealedCFG.generate's two sizes (generate_graph)
+    assert "| cfg generate | 784 M15 N640/64 | `generate_graph` | - | not in this run | not run |" \
+        in rows
+    assert "AnnealedCFG.generate (" not in page  # no such benchmark: no section
+
+
+def test_summary_checks_the_cfg_generate_graph_target(tmp_path):
+    benches = [
+        # toy: the graph 4x faster than the port (met); 784: 2x (missed)
+        _bench("cfg generate", "toy M15 N640/64", "official_port", 0.04, "official_port"),
+        _bench("cfg generate", "toy M15 N640/64", "generate", 0.03, "official_port"),
+        _bench("cfg generate", "toy M15 N640/64", "generate_graph", 0.01, "official_port"),
+        _bench("cfg generate", "784 M15 N640/64", "official_port", 0.05, "official_port"),
+        _bench("cfg generate", "784 M15 N640/64", "generate_graph", 0.025, "official_port"),
+    ]
+    (tmp_path / "bench-gpu.json").write_text(json.dumps({"benchmarks": benches}))
+    page = summary(tmp_path, "--build", "0", "70", "--tests", "0", "150", "--bench", "0", "40")
+    rows = page.splitlines()
+    assert ("| cfg generate | toy M15 N640/64 | `generate_graph` | >= 3.0x vs `official_port` | "
+            "4.00x | yes |") in rows
+    assert ("| cfg generate | 784 M15 N640/64 | `generate_graph` | >= 3.0x vs `official_port` | "
+            "2.00x | **missed** |") in rows
+    assert not any("cfg generate" in r and ("`triton`" in r or "`cuda`" in r) for r in rows)
+    assert "| toy M15 N640/64 | 40.00 ms | 30.00 ms | 10.00 ms | 4.00x | 3.00x |" in rows
+    assert "| 784 M15 N640/64 | 50.00 ms | not run | 25.00 ms | 2.00x | - |" in rows
 
 
 def test_summary_without_reports(tmp_path):
