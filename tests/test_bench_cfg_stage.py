@@ -50,3 +50,43 @@ def test_cfg_stage_quick_writes_reports(tmp_path):
     assert "AnnealedCFG stage vs the official loop" in md and "torch " in md
     assert "| toy | 1 | stage |" in md and "| 784 | 1 | generate |" in md
     assert meta["machine"] in md
+
+
+def _bench_generate(tmp_path, **env_extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NATS_KERNELS_BACKEND", "NK_BENCH_DEVICE", "NK_BENCH_CFG_GENERATE")}
+    env.update(OMP_NUM_THREADS="1", NK_BENCH_SIZES="smoke", **env_extra)
+    path = tmp_path / "gen.json"
+    cmd = [sys.executable, "-m", "pytest", "benchmarks/bench_cfg_generate.py", "--benchmark-only",
+           "-q", "-p", "no:cacheprovider", "--benchmark-min-rounds=1", "--benchmark-max-time=0",
+           "--benchmark-warmup=off", f"--benchmark-json={path}"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return res, path
+
+
+def test_generate_benchmark_is_skipped_on_the_cpu(tmp_path):
+    res, _ = _bench_generate(tmp_path)
+    # 5: pytest's "no tests ran" (a module skipped at import); in the suite it is one skip
+    assert res.returncode == 5 and "1 skipped" in res.stdout, (res.stdout + res.stderr)[-4000:]
+
+
+def test_generate_benchmark_runs_on_the_cpu_when_asked(tmp_path):
+    """bench_cfg_generate.py (the GPU check's AnnealedCFG.generate benchmark) with
+    NK_BENCH_CFG_GENERATE=1: the port and eager generate (no graph provider on the CPU) agree,
+    and make_results renders the op."""
+    res, path = _bench_generate(tmp_path, NK_BENCH_CFG_GENERATE="1")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    benches = json.loads(path.read_text())["benchmarks"]
+    seen = {(b["extra_info"]["size"], b["extra_info"]["provider"]) for b in benches}
+    assert seen == {(f"{m} M3 N40/16", p) for m in ("toy", "784")
+                    for p in ("official_port", "generate")}
+    for b in benches:
+        e = b["extra_info"]
+        assert e["op"] == "cfg generate" and e["baseline"] == "official_port"
+        assert e["max_rel_err"] <= e["tol"] and e["roofline_s"] > 0
+        assert e["graph_captures"] is None
+    out = tmp_path / "RESULTS.md"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_results.py"),
+                          str(path), "-o", str(out)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "AnnealedCFG.generate, eager and cuda_graph=True" in out.read_text()

@@ -490,6 +490,8 @@ class AnnealedCFG:
 
         Under ``torch.no_grad`` except the input-gradient computations. Draws one
         ``randn((b, *z_dim))`` per batch of ``batch_size`` (default: all ``n`` at once).
+        With ``cuda_graph=True`` each batch's M steps are one CUDA-graph replay, captured on
+        the first batch of its layout (the class's ``cuda_graph`` argument).
 
         Returns:
             the ``(n, ...)`` samples (detached), or ``(samples, z)`` with ``return_z=True``.
