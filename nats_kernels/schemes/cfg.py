@@ -271,7 +271,9 @@ class AnnealedCFG:
         cuda_graph: ``True``: :meth:`generate` (and so the approximator's samples in
             :meth:`train_stage`) moves each batch by replaying a CUDA graph of the whole M-step
             loop, captured on first use per batch layout (shape, strides, dtype; a last partial
-            batch gets its own graph; at most 8 layouts are kept). Same results as the eager
+            batch gets its own graph; at most 8 layouts are kept; a capture runs the loop three
+            times eagerly first and synchronizes the device, a replay never does; the warm-up
+            runs' updates of snapshot buffers are undone). Same results as the eager
             loop (same kernels on the same addresses); the discriminator phase's moves stay
             eager. The graph bakes in ``eta``, ``scale``, the weights, the snapshot modules,
             their parameters' and buffers' storage, their train/eval flags, the backend
@@ -343,9 +345,6 @@ class AnnealedCFG:
         self.diff_max_after = v.integer("diff_max_after", diff_max_after, minimum=0)
         self.rng = _rng(rng, self.device)
         self.d_backward = _d_backward(d_backward)
-        self.weights = _weight_tensor(weights, self.M, self.device)
-        self._weights_by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        self._join_group(process_group)
         self.cuda_graph = v.flag("cuda_graph", cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(
@@ -353,6 +352,9 @@ class AnnealedCFG:
                 f"(CUDA graphs exist on CUDA only; leave cuda_graph=False elsewhere)"
             )
         self._graphs = _cuda_graph.MoveGraphs() if self.cuda_graph else None
+        self.weights = _weight_tensor(weights, self.M, self.device)
+        self._weights_by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        self._join_group(process_group)
 
         self.snapshots = [copy.deepcopy(self._D) for _ in range(self.M)]
         for snap in self.snapshots:
