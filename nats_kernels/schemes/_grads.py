@@ -5,7 +5,7 @@ an autograd graph, and when a freshly returned gradient may be written in place 
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -56,25 +56,45 @@ def loss(name: str, t, device: torch.device) -> Tensor:
     return t
 
 
+def _accumulate_grad_type() -> type:
+    """The class of autograd's leaf nodes (``AccumulateGrad``), which torch does not export."""
+    leaf = torch.zeros((), requires_grad=True)
+    return type(leaf.expand(1).grad_fn.next_functions[0][0])
+
+
+_ACCUMULATE_GRAD = _accumulate_grad_type()
+
+
 def shares_graph(a: Tensor, b: Tensor) -> bool:
     """Whether the autograd graphs behind ``a`` and ``b`` have a node in common other than the
     parameter leaves. Only then must a first backward pass from one keep its graph for a second
     pass from the other (e.g. one discriminator forward on ``cat(real, fake)``, or both losses
-    computed from the same fake logits). The two graphs are walked breadth first, in turns, so a
-    shared node near the roots is found early; disjoint graphs are walked whole. Metadata only:
-    it follows ``grad_fn``, it reads no tensor value."""
-    walks = ((deque([a.grad_fn]), set()), (deque([b.grad_fn]), set()))
-    while walks[0][0] or walks[1][0]:
-        for (queue, seen), (_, other) in (walks, walks[::-1]):
-            while queue:
-                fn = queue.popleft()
-                if fn is None or fn in seen:
-                    continue
-                if fn in other and type(fn).__name__ != "AccumulateGrad":
-                    return True
-                seen.add(fn)
-                queue.extend(nxt for nxt, _ in fn.next_functions)
-                break
+    computed from the same fake logits). The two graphs are walked breadth first, one level of
+    each in turn, so a shared node near the roots is found early; disjoint graphs are walked
+    whole (each node once: it is the cost of this test, a few microseconds per node in Python).
+    Leaves (``AccumulateGrad``) are not entered: they have no successors and do not count.
+    Metadata only: it follows ``grad_fn``, it reads no tensor value."""
+    root_a, root_b = a.grad_fn, b.grad_fn
+    if root_a is None or root_b is None:
+        return False
+    if root_a is root_b:
+        return True
+    leaf = _ACCUMULATE_GRAD
+    seen_a, seen_b = {root_a}, {root_b}
+    level_a, level_b = [root_a], [root_b]
+    while level_a or level_b:
+        # one level of a's walk, then one of b's: a node found by both walks is shared
+        for level, seen, other in ((level_a, seen_a, seen_b), (level_b, seen_b, seen_a)):
+            nxt = []
+            for fn in level:
+                for child, _ in fn.next_functions:
+                    if child is None or child in seen or type(child) is leaf:
+                        continue
+                    if child in other:
+                        return True
+                    seen.add(child)
+                    nxt.append(child)
+            level[:] = nxt
     return False
 
 
@@ -109,3 +129,16 @@ def zeros(p: Tensor, cache: dict) -> Tensor:
     if key not in cache:
         cache[key] = torch.zeros((), device=p.device, dtype=p.dtype)
     return cache[key].expand(p.shape)
+
+
+def scalar(loss: Tensor) -> Tensor:
+    """``loss.detach().reshape(())``: a detached 0-d tensor of a one-element loss (no reshape
+    call when it is 0-d already)."""
+    t = loss.detach()
+    return t if t.dim() == 0 else t.reshape(())
+
+
+def to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when ``t`` already has that dtype (``to`` returns ``t``
+    itself then)."""
+    return t if t.dtype == dtype else t.to(dtype)

@@ -164,7 +164,7 @@ class AWLoss:
             raise ValueError(
                 "loss_fake does not depend on any trainable parameter of the discriminator"
             )
-        losses = (loss_real.detach().reshape(()), loss_fake.detach().reshape(()))
+        losses = (_grads.scalar(loss_real), _grads.scalar(loss_fake))
         if self.process_group is not None:
             g_r, g_f, real_logits, fake_logits, losses = self._global(
                 params, g_r, g_f, real_logits, fake_logits, losses
@@ -189,7 +189,7 @@ class AWLoss:
             outs.append(out)
             rs.append(_grads.zeros(p, zeros) if gr is None else gr)
             fs.append(_grads.zeros(p, zeros) if gf is None else gf)
-            if p.grad is not out:
+            if old is not out:
                 p.grad = out
 
         acc = v.acc_dtype(*groups)
@@ -210,13 +210,13 @@ class AWLoss:
         )
         for dtype, (outs, rs, fs) in groups.items():
             a = v.acc_dtype(dtype)
-            aw_combine_(outs, rs, fs, w_r.to(a), w_f.to(a))
+            aw_combine_(outs, rs, fs, _grads.to(w_r, a), _grads.to(w_f, a))
 
         self.last_weights = (w_r, w_f)
         self.last_case = case
         out_dtype = torch.promote_types(loss_real.dtype, loss_fake.dtype)
         loss = w_r * losses[0] + w_f * losses[1]
-        return loss.to(out_dtype)
+        return _grads.to(loss, out_dtype)
 
     def _global(self, params, g_r, g_f, real_logits, fake_logits, losses):
         """What one process would see on the whole batch: g_r and g_f averaged over the ranks

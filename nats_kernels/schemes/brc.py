@@ -168,8 +168,14 @@ class BRC:
                     f"Hessian-vector product reaches); use solver='iga'"
                 )
         self.last_ratio: Tensor | None = None
-        self.last_norms: Tensor | None = None
+        self._dots: Tensor | None = None  # the last "iga" call's multi_dot, for last_norms
         self.last_residual: Tensor | None = None
+
+    @property
+    def last_norms(self) -> Tensor | None:
+        """``(|df/dD|, |dF/dD|)`` of the last ``"iga"`` call (see the class docstring), computed
+        from that call's inner products when read (a new tensor at each read), else None."""
+        return None if self._dots is None else self._dots[:2].sqrt()
 
     def __repr__(self) -> str:
         if self.solver == "iga":
@@ -265,7 +271,7 @@ class BRC:
         if add_to:
             torch._foreach_add_(add_to, add)
         for dtype, (bufs, gfs) in corrected.items():
-            iga_correction_(bufs, gfs, r.to(v.acc_dtype(dtype)))
+            iga_correction_(bufs, gfs, _grads.to(r, v.acc_dtype(dtype)))
 
     def _solve(self, F: Tensor, f: Tensor, p_d, p_g) -> Tensor:
         """The "cg" / "neumann" step (design §5.4); returns the solve's residual measure."""
@@ -327,10 +333,15 @@ class BRC:
             a_s, b_s = groups.setdefault(p.dtype, ([], []))
             a_s.append(_grads.zeros(p, zeros) if a is None else a)
             b_s.append(_grads.zeros(p, zeros) if b is None else b)
-        acc = v.acc_dtype(*groups)
-        dots = sum(multi_dot(a_s, b_s).to(acc) for a_s, b_s in groups.values())
-        self.last_norms = dots[:2].sqrt()
-        r = dots[2] / (dots[0] + self.eps)
+        if len(groups) == 1:  # multi_dot's result is in the accumulation dtype already
+            ((a_s, b_s),) = groups.values()
+            dots = multi_dot(a_s, b_s)
+        else:
+            acc = v.acc_dtype(*groups)
+            dots = sum(multi_dot(a_s, b_s).to(acc) for a_s, b_s in groups.values())
+        self._dots = dots  # last_norms reads it
+        ff, _, fF = dots.unbind()
+        r = fF / (ff + self.eps)
         if self.ratio_clamp is not None:
             r = r.clamp(*self.ratio_clamp)
         return r
