@@ -98,9 +98,12 @@ def shares_graph(a: Tensor, b: Tensor) -> bool:
     return False
 
 
-def storage_key(t: Tensor) -> tuple:
-    """Which memory ``t`` lives in: its device and the address of its storage."""
-    return (t.device, t.untyped_storage().data_ptr())
+def storage_key(t: Tensor) -> int:
+    """Which memory ``t`` lives in: the address of its storage. The keys of one call are
+    compared among themselves only, and all its tensors are on one device: the parameters are
+    checked to be, autograd returns each gradient on its input's device and torch refuses a
+    ``.grad`` on another device than its parameter's."""
+    return t.untyped_storage().data_ptr()
 
 
 def storage_counts(*lists: Sequence[Tensor | None]) -> Counter:
