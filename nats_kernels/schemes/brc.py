@@ -114,7 +114,8 @@ class BRC:
         last_ratio: r of the last call (0-d device tensor, after ``ratio_clamp``), or ``None``
             before the first call or with another solver.
         last_norms: ``(|df/dD|, |dF/dD|)`` of the last ``"iga"`` call, a (2,) device tensor in
-            the accumulation dtype (the global gradients under torch.distributed), else None.
+            the accumulation dtype (the global gradients under torch.distributed), else None;
+            a read-only property, computed from that call's inner products at each read.
         last_residual: of the last ``"cg"`` call, CG's recursive residual
             ``|dF/dD - (H_DD + damping I) v| / |dF/dD|``; of ``"neumann"``, the last series
             term's norm relative to v's; a 0-d device tensor, else None.
