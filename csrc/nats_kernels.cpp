@@ -36,8 +36,10 @@ TORCH_LIBRARY(nats_kernels_ext, m) {
   m.def("cfg_step_(Tensor(a!) x, Tensor grad, Tensor weight, float eta, Tensor? scale) -> ()");
   m.def("median_pairwise_distance(Tensor x, Tensor? y, bool squared, int memory_budget) "
         "-> Tensor");
-  // Diagnostics of the CPU median: (window, radix) problems solved so far (tests, profiling).
+  // Diagnostics of the CPU median: (window, radix, small) problems solved so far (tests,
+  // profiling), and the small path's pair limit (a test knob: set when >= 0, returns the old).
   m.def("median_path_counts() -> Tensor");
+  m.def("median_small_limit(int pairs) -> int");
   m.def("multi_dot(Tensor[] a, Tensor[] b) -> Tensor");
   m.def("aw_weights(Tensor dots, Tensor real_logits, Tensor fake_logits, bool normalized, "
         "float alpha1, float alpha2, float delta, float eps) -> (Tensor, Tensor, Tensor)");

@@ -29,6 +29,13 @@
 //    median_path_counts() reports how many problems each path solved.
 // 4. Scale back by the power of two (squared, or after the square root).
 //
+// Small problems (at most median_small_limit() pairs, default kSmallPairs, whose pairs fit one
+// tile and whose keys fit the kept-key quarter of the budget) take a short path instead
+// (small_median): the same scaling and centring, the same distance formula on the same one
+// tile, every key in one buffer and std::nth_element, without the tile plan, the per-thread
+// states or the window machinery: its result is bit-identical to the tiled path's (both compute
+// the same keys, and the selection is exact). A batch of them runs its problems in parallel.
+//
 // Parallelism: by default the problems of a batch run one after another, each with one parallel
 // region per pass over its whole tiles (see for_each_tile). A batch of small problems instead
 // runs its problems in parallel, one problem per thread with its tiles in sequence on that thread
@@ -53,6 +60,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "nk/median_plan.h"
@@ -74,8 +82,19 @@ constexpr int kDigitBits = 16;
 constexpr int64_t kBins = int64_t{1} << kDigitBits;
 
 // How many problems each selection path finished (for tests and profiling; see
-// median_path_counts): [0] the window pass, [1] the radix fallback.
-std::atomic<int64_t> g_path_counts[2] = {{0}, {0}};
+// median_path_counts): [0] the window pass, [1] the radix fallback, [2] the small path.
+std::atomic<int64_t> g_path_counts[3] = {{0}, {0}, {0}};
+
+// The small path (small_median) takes problems of at most this many pairs (when they fit one
+// tile and the kept-key capacity). Every problem that fits one tile gains from it: the tiled
+// path runs a one-tile problem on one thread too, with more fixed costs (measured on 2 cores:
+// N = 64, d = 2 ~7x faster, N = 512 ~1.2x), so the limit is the keep-all one. A test knob
+// (median_small_limit) lowers it, to compare the two paths on one problem.
+constexpr int64_t kSmallPairs = int64_t{1} << 18;
+// A batch of small problems runs in parallel in chunks of at least this much work (pairs times
+// min(d, 16)), so that a few tiny problems never pay for a parallel region.
+constexpr int64_t kSmallChunk = int64_t{1} << 16;
+std::atomic<int64_t> g_small_limit{kSmallPairs};
 
 // Threads that may run a pass's rows at once, i.e. the per-thread states a pass needs: the pool,
 // or 1 inside a parallel region (a problem solved on one thread of the by-problem loop, where
@@ -97,6 +116,68 @@ inline int64_t tile_side(int64_t memory_budget, int64_t elem_bytes, int64_t n, i
 // gather they take up to three times that.
 inline int64_t kept_capacity(int64_t memory_budget, int64_t key_bytes) {
   return memory_budget / 4 / key_bytes;
+}
+
+// The order-dependent parts of the preparation, written out so that the tiled path and the
+// small path round them alike (every other preparation step is one exact or correctly rounded
+// operation per value, the same bits however it is computed). Each value is summed in a fixed
+// order, whatever the thread count.
+
+// Elements of work per parallel chunk of the preparation loops (smaller inputs run inline).
+constexpr int64_t kPrepGrain = int64_t{1} << 16;
+
+// centre[f] = (sum_i a[i][f] + sum_j b[j][f]) / (n + m), rows summed in order in double, then
+// rounded to T. a: (n, d) contiguous; b: (m, d) contiguous, or nullptr (m = 0): the mean of a.
+// Parallel over the features; each feature's sum is sequential over the rows.
+template <typename T>
+void centre_of(const T* a, int64_t n, const T* b, int64_t m, int64_t d, T* centre) {
+  const int64_t rows = n + m;
+  at::parallel_for(0, d, std::max<int64_t>(1, kPrepGrain / std::max<int64_t>(rows, 1)),
+                   [&](int64_t f0, int64_t f1) {
+    const int64_t w = f1 - f0;
+    constexpr int64_t kStack = 64;
+    double stack[kStack];
+    std::vector<double> heap(w > kStack ? w : 0);
+    double* acc = w > kStack ? heap.data() : stack;
+    for (int64_t f = 0; f < w; ++f) acc[f] = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const T* row = a + i * d + f0;
+      for (int64_t f = 0; f < w; ++f) acc[f] += static_cast<double>(row[f]);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      const T* row = b + j * d + f0;
+      for (int64_t f = 0; f < w; ++f) acc[f] += static_cast<double>(row[f]);
+    }
+    for (int64_t f = 0; f < w; ++f)
+      centre[f0 + f] = static_cast<T>(acc[f] / static_cast<double>(rows));
+  });
+}
+
+// out[i] = |a_i|^2 for the n rows of a (n, d) contiguous: 8 partial sums in double (feature f
+// into lane f % 8), added in a fixed order, then rounded to T. Parallel over the rows.
+template <typename T>
+void row_norms(const T* a, int64_t n, int64_t d, T* out) {
+  at::parallel_for(0, n, std::max<int64_t>(1, kPrepGrain / std::max<int64_t>(d, 1)),
+                   [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* u = a + i * d;
+      constexpr int kLanes = 8;
+      double part[kLanes] = {};
+      int64_t f = 0;
+      for (; f + kLanes <= d; f += kLanes)
+        for (int l = 0; l < kLanes; ++l) {
+          const double v = static_cast<double>(u[f + l]);
+          part[l] += v * v;
+        }
+      for (int l = 0; f < d; ++f, ++l) {
+        const double v = static_cast<double>(u[f]);
+        part[l] += v * v;
+      }
+      double acc = 0.0;
+      for (int l = 0; l < kLanes; ++l) acc += part[l];
+      out[i] = static_cast<T>(acc);
+    }
+  });
 }
 
 template <typename T>
@@ -378,25 +459,34 @@ T median_one(const at::Tensor& x, const c10::optional<at::Tensor>& y, bool squar
   const int e = nk::scale_exponent<T>(static_cast<T>(big));
   const T down = nk::pow2(T(0), -e);
   const T up = nk::pow2(T(0), e);
-  a = a * down;  // a new tensor even when x already has the work dtype
+  // Scaled (a new tensor even when x already has the work dtype), then centred on the mean
+  // (centre_of: the order the small path uses too).
+  a = (a * down).contiguous();
+  if (!P.pairwise) b = (b * down).contiguous();
+  at::Tensor centre = at::empty({1, d}, a.options());
+  centre_of<T>(a.template data_ptr<T>(), P.n, P.pairwise ? nullptr : b.template data_ptr<T>(),
+               P.pairwise ? 0 : P.m, d, centre.template data_ptr<T>());
+  a -= centre;
   if (P.pairwise) {
-    a -= a.mean(0, true);
     b = a;
   } else {
-    b = b * down;
-    at::Tensor centre = (a.sum(0, true) + b.sum(0, true)) / static_cast<double>(P.n + P.m);
-    a -= centre;
     b -= centre;
   }
-  P.a = a.contiguous();
-  P.b = b.contiguous();
+  P.a = a;
+  P.b = b;
   P.d = d;
   P.direct = d <= nk::kDirectMaxD;
   if (P.direct) {
     P.b_t = P.b.t().contiguous();
   } else {
-    P.norm_a = (P.a * P.a).sum(-1).contiguous();
-    P.norm_b = P.pairwise ? P.norm_a : (P.b * P.b).sum(-1).contiguous();
+    P.norm_a = at::empty({P.n}, a.options());
+    row_norms<T>(P.a.template data_ptr<T>(), P.n, d, P.norm_a.template data_ptr<T>());
+    if (P.pairwise) {
+      P.norm_b = P.norm_a;
+    } else {
+      P.norm_b = at::empty({P.m}, a.options());
+      row_norms<T>(P.b.template data_ptr<T>(), P.m, d, P.norm_b.template data_ptr<T>());
+    }
   }
 
   const int64_t n_pairs = nk::pair_count(P.pairwise, P.n, P.m);
@@ -437,6 +527,159 @@ T median_one(const at::Tensor& x, const c10::optional<at::Tensor>& y, bool squar
   return squared ? value * up * up : std::sqrt(value) * up;
 }
 
+// Whether (n, m) problems take the small path: at most median_small_limit() pairs, all of them in
+// one tile (so that the GEMM form's one at::mm has the tiled path's shapes) and every key within
+// the kept-key capacity (what the tiled path keeps of them too).
+bool small_path(bool pairwise, int64_t n, int64_t m, int64_t elem_bytes, int64_t memory_budget) {
+  const int64_t n_pairs = nk::pair_count(pairwise, n, m);
+  return n_pairs <= g_small_limit.load(std::memory_order_relaxed) &&
+         n_pairs <= kept_capacity(memory_budget, elem_bytes) &&
+         tile_side(memory_budget, elem_bytes, n, m) >= std::max(n, m);
+}
+
+// The median of one small problem (small_path): x (n, d) with strides (sxn, sxd), y likewise or
+// nullptr, in the work type T. The tiled path's steps, written for one tile: the same scaling
+// and centring (centre_of), the same squared distances (the direct form's sum of squared
+// differences in feature order, or the GEMM form's one at::mm of the whole tile and row_norms),
+// so the same keys; all of them in one buffer, and std::nth_element picks rank k. NaN when an
+// input is NaN or Inf, as there.
+template <typename T>
+T small_median(const T* x, int64_t sxn, int64_t sxd, const T* y, int64_t syn, int64_t syd,
+               int64_t n, int64_t m, int64_t d, bool squared) {
+  using K = typename KeyOf<T>::type;
+  const bool pairwise = y == nullptr;
+  if (pairwise) m = n;
+  // Largest |coordinate|, from the bit patterns with the sign bit cleared: they order like the
+  // values, with Inf and NaN above every finite value, and their max is an integer reduction
+  // (it vectorizes). Any NaN or Inf makes the problem NaN.
+  constexpr K kMagnitude = static_cast<K>(~K(0) >> 1);
+  K top = 0;
+  auto scan = [&](const T* p, int64_t rows, int64_t sr, int64_t sf) {
+    auto one = [&](const T* v) {
+      K u;
+      std::memcpy(&u, v, sizeof(T));
+      u &= kMagnitude;
+      top = u > top ? u : top;
+    };
+    if (sf == 1 && sr == d) {
+      for (int64_t i = 0; i < rows * d; ++i) one(p + i);
+    } else {
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t f = 0; f < d; ++f) one(p + i * sr + f * sf);
+    }
+  };
+  scan(x, n, sxn, sxd);
+  if (!pairwise) scan(y, m, syn, syd);
+  const T inf = std::numeric_limits<T>::infinity();
+  K inf_bits;
+  std::memcpy(&inf_bits, &inf, sizeof(T));
+  if (top >= inf_bits) return std::numeric_limits<T>::quiet_NaN();
+  T big;
+  std::memcpy(&big, &top, sizeof(T));
+  const int e = nk::scale_exponent<T>(big);
+  const T down = nk::pow2(T(0), -e);
+  const T up = nk::pow2(T(0), e);
+
+  const bool direct = d <= nk::kDirectMaxD;
+  // The scaled, centred coordinates: a (n, d), b (m, d) (the cross form's; the pairwise form's
+  // b is a). The GEMM form keeps them in tensors for at::mm (aligned as the tiled path's).
+  at::Tensor a_t, b_t;
+  std::unique_ptr<T[]> work;
+  T *a, *b;
+  if (direct) {
+    work.reset(new T[(n + (pairwise ? 0 : m)) * d]);
+    a = work.get();
+    b = pairwise ? a : a + n * d;
+  } else {
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    a_t = at::empty({n, d}, opts);
+    a = a_t.template data_ptr<T>();
+    if (pairwise) {
+      b_t = a_t;
+      b = a;
+    } else {
+      b_t = at::empty({m, d}, opts);
+      b = b_t.template data_ptr<T>();
+    }
+  }
+  auto scale = [&](T* dst, const T* p, int64_t rows, int64_t sr, int64_t sf) {
+    if (sf == 1 && sr == d) {
+      for (int64_t i = 0; i < rows * d; ++i) dst[i] = p[i] * down;
+    } else {
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t f = 0; f < d; ++f) dst[i * d + f] = p[i * sr + f * sf] * down;
+    }
+  };
+  scale(a, x, n, sxn, sxd);
+  if (!pairwise) scale(b, y, m, syn, syd);
+  std::vector<T> centre(d);
+  centre_of<T>(a, n, pairwise ? nullptr : b, pairwise ? 0 : m, d, centre.data());
+  auto centre_rows = [&](T* p, int64_t count) {
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t f = 0; f < d; ++f) p[i * d + f] -= centre[f];
+  };
+  centre_rows(a, n);
+  if (!pairwise) centre_rows(b, m);
+
+  const int64_t n_pairs = nk::pair_count(pairwise, n, m);
+  std::unique_ptr<K[]> keys(new K[n_pairs > 0 ? n_pairs : 1]);
+  int64_t at_key = 0;
+  if (direct) {
+    // b transposed (d, m), so that each row of pairs runs along contiguous columns, and one row
+    // of squared distances: the tiled path's loop.
+    std::unique_ptr<T[]> bt_row(new T[d * m + m]);
+    T* bt = bt_row.get();
+    T* sq = bt + d * m;
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t f = 0; f < d; ++f) bt[f * m + j] = b[j * d + f];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c0 = pairwise ? i + 1 : 0;
+      if (c0 >= m) continue;
+      const T* ai = a + i * d;
+      for (int64_t c = c0; c < m; ++c) sq[c] = T(0);
+      for (int64_t f = 0; f < d; ++f) {
+        const T xv = ai[f];
+        const T* col = bt + f * m;
+        for (int64_t c = c0; c < m; ++c) {
+          const T diff = xv - col[c];
+          sq[c] += diff * diff;
+        }
+      }
+      K* out = keys.get() + at_key;
+      for (int64_t c = c0; c < m; ++c) out[c - c0] = key_of<T>(sq[c]);
+      at_key += m - c0;
+    }
+  } else {
+    std::vector<T> norms(pairwise ? n : n + m);
+    row_norms<T>(a, n, d, norms.data());
+    const T* na = norms.data();
+    const T* nb = na;
+    if (!pairwise) {
+      row_norms<T>(b, m, d, norms.data() + n);
+      nb = na + n;
+    }
+    // The tiled path's one tile: at::mm of the same shapes, called from the same (inline)
+    // parallel region as for_each_tile calls it.
+    at::Tensor dots = at::empty({n, m}, a_t.options());
+    at::parallel_for(0, 1, 1, [&](int64_t, int64_t) { at::mm_out(dots, a_t, b_t.t()); });
+    const T* dot = dots.template data_ptr<T>();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c0 = pairwise ? i + 1 : 0;
+      const T ni = na[i];
+      const T* row = dot + i * m;
+      K* out = keys.get() + at_key;
+      for (int64_t c = c0; c < m; ++c) out[c - c0] = key_of<T>((ni + nb[c]) - T(2) * row[c]);
+      if (c0 < m) at_key += m - c0;
+    }
+  }
+  const int64_t k = nk::median_rank(n_pairs);
+  std::nth_element(keys.get(), keys.get() + k, keys.get() + n_pairs);
+  ++g_path_counts[2];
+  T value;
+  std::memcpy(&value, keys.get() + k, sizeof(T));
+  return squared ? value * up * up : std::sqrt(value) * up;
+}
+
 // Whether a batch of `batch` (n, m) problems runs one problem per thread (each problem's passes
 // then run inline on its thread) rather than problem after problem with each pass's tiles shared
 // out. Only problems that keep every key qualify: at most kKeepAll pairs (a handful of tiles of
@@ -468,13 +711,41 @@ at::Tensor median_pairwise_distance_cpu(const at::Tensor& x, const c10::optional
   at::Tensor result = at::empty({batch}, x.options().dtype(work));
   AT_DISPATCH_FLOATING_TYPES(work, "median_pairwise_distance_cpu", [&] {
     scalar_t* r = result.data_ptr<scalar_t>();
+    const int64_t n = x.size(1), m = y.has_value() ? y->size(1) : n, d = x.size(2);
+    if (small_path(!y.has_value(), n, m, sizeof(scalar_t), memory_budget)) {
+      // The inputs in the work type once for the whole batch (no copy when they have it).
+      const at::Tensor xw = x.to(work);
+      const at::Tensor yw = y.has_value() ? y->to(work) : at::Tensor();
+      const scalar_t* xp = xw.data_ptr<scalar_t>();
+      const scalar_t* yp = y.has_value() ? yw.data_ptr<scalar_t>() : nullptr;
+      auto solve_small = [&](int64_t bi) {
+        r[bi] = small_median<scalar_t>(
+            xp + bi * xw.stride(0), xw.stride(1), xw.stride(2),
+            yp == nullptr ? nullptr : yp + bi * yw.stride(0), yp ? yw.stride(1) : 0,
+            yp ? yw.stride(2) : 0, n, m, d, squared);
+      };
+      // Problems in parallel (each on one thread, the same bits whichever) once a chunk holds
+      // kSmallChunk pairs of work; fewer run inline, without a parallel region.
+      const int64_t per = std::max<int64_t>(1, nk::pair_count(!y.has_value(), n, m) *
+                                                   std::max<int64_t>(1, std::min<int64_t>(d, 16)));
+      const int64_t grain = std::max<int64_t>(1, kSmallChunk / per);
+      if (batch > grain && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+        const at::ThreadLocalState tls;
+        at::parallel_for(0, batch, grain, [&](int64_t first, int64_t last) {
+          at::ThreadLocalStateGuard guard(tls);
+          for (int64_t bi = first; bi < last; ++bi) solve_small(bi);
+        });
+      } else {
+        for (int64_t bi = 0; bi < batch; ++bi) solve_small(bi);
+      }
+      return;
+    }
     auto solve = [&](int64_t bi) {
       const at::Tensor xb = x.select(0, bi);
       c10::optional<at::Tensor> yb;
       if (y.has_value()) yb = y->select(0, bi);
       r[bi] = median_one<scalar_t>(xb, yb, squared, memory_budget);
     };
-    const int64_t n = x.size(1), m = y.has_value() ? y->size(1) : n;
     if (by_problem(batch, !y.has_value(), n, m, sizeof(scalar_t), memory_budget)) {
       // One parallel region for the whole batch. The workers get the caller's thread-local
       // state (grad mode, dispatch keys), as the caller's own thread has it.
@@ -492,9 +763,16 @@ at::Tensor median_pairwise_distance_cpu(const at::Tensor& x, const c10::optional
 
 }  // namespace
 
-// (window, radix) problems solved since the library was loaded.
+// (window, radix, small) problems solved since the library was loaded.
 at::Tensor median_path_counts() {
-  return at::tensor({g_path_counts[0].load(), g_path_counts[1].load()}, at::kLong);
+  return at::tensor({g_path_counts[0].load(), g_path_counts[1].load(), g_path_counts[2].load()},
+                    at::kLong);
+}
+
+// The small path's largest pair count before the call; set to `pairs` when pairs >= 0 (0: never
+// the small path). A test knob: it makes the tiled path solve a small problem.
+int64_t median_small_limit(int64_t pairs) {
+  return pairs >= 0 ? g_small_limit.exchange(pairs) : g_small_limit.load();
 }
 
 }  // namespace nk_cpu
@@ -505,4 +783,5 @@ TORCH_LIBRARY_IMPL(nats_kernels_ext, CPU, m) {
 
 TORCH_LIBRARY_IMPL(nats_kernels_ext, CompositeExplicitAutograd, m) {
   m.impl("median_path_counts", &nk_cpu::median_path_counts);
+  m.impl("median_small_limit", &nk_cpu::median_small_limit);
 }
