@@ -502,6 +502,61 @@ static PyObject* cpu_aw_weights(PyObject*, PyObject* args) {
   NK_FAST_CATCH
 }
 
+// median_pairwise_distance(x, y, squared, batched, memory_budget): squared and batched Python
+// bools, memory_budget a Python int (the caller has put the default in for None). The common
+// case: x a plain float32 or float64 CPU tensor that autograd has nothing to record for, of at
+// least 2 (batched: 3) dims and no zero size; y None (then N >= 2) or such a tensor of x's dtype
+// and rank, with x's feature shape (and batch); 0 < memory_budget < 2^63. The features are
+// flattened as the Python path's reshape does, the kernel runs through the dispatcher without
+// the GIL, and an unbatched call returns element 0. Returns the result, or None when not that
+// case (any other dtype, a tensor subclass, a bad shape, a number that is not a plain int...):
+// the Python checks then run and own every error message.
+static bool median_dtype(const at::Tensor& t) {
+  return t.scalar_type() == c10::ScalarType::Float || t.scalar_type() == c10::ScalarType::Double;
+}
+
+static PyObject* cpu_median_pairwise_distance(PyObject*, PyObject* args) {
+  PyObject *xo, *yo, *squaredo, *batchedo, *budgeto;
+  if (!PyArg_ParseTuple(args, "OOOOO", &xo, &yo, &squaredo, &batchedo, &budgeto)) return nullptr;
+  NK_FAST_TRY
+  if (!env_allows_cpu()) Py_RETURN_NONE;
+  if ((squaredo != Py_True && squaredo != Py_False) ||
+      (batchedo != Py_True && batchedo != Py_False) || !PyLong_CheckExact(budgeto))
+    Py_RETURN_NONE;
+  int overflow = 0;
+  const long long budget = PyLong_AsLongLongAndOverflow(budgeto, &overflow);
+  if (budget == -1 && PyErr_Occurred()) return nullptr;
+  if (overflow != 0 || budget <= 0) Py_RETURN_NONE;
+  const bool batched = batchedo == Py_True;
+  const int64_t lead = batched ? 2 : 1;
+  const at::Tensor* x = cpu_tensor(xo);
+  if (x == nullptr || !median_dtype(*x) || x->dim() < lead || x->numel() == 0) Py_RETURN_NONE;
+  const auto xs = x->sizes();
+  const int64_t batch = batched ? xs[0] : 1;
+  const int64_t n = xs[lead - 1];
+  int64_t d = 1;
+  for (int64_t i = lead; i < x->dim(); ++i) d *= xs[i];
+  std::optional<at::Tensor> yb;
+  if (yo == Py_None) {
+    if (n < 2) Py_RETURN_NONE;
+  } else {
+    const at::Tensor* y = cpu_tensor(yo);
+    if (y == nullptr || y->scalar_type() != x->scalar_type() || y->dim() != x->dim() ||
+        y->numel() == 0 || !y->sizes().slice(lead).equals(xs.slice(lead)) ||
+        (batched && y->size(0) != batch))
+      Py_RETURN_NONE;
+    yb = y->reshape({batch, y->size(lead - 1), d});
+  }
+  const at::Tensor xb = x->reshape({batch, n, d});
+  static const auto op = ext_op<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
+                                           bool, int64_t)>(
+      "nats_kernels_ext::median_pairwise_distance");
+  const bool squared = squaredo == Py_True;
+  at::Tensor result = without_gil([&] { return op.call(xb, yb, squared, budget); });
+  return THPVariable_Wrap(batched ? std::move(result) : result.select(0, 0));
+  NK_FAST_CATCH
+}
+
 static PyMethodDef nats_kernels_methods[] = {
     {"cpu_aw_weights", cpu_aw_weights, METH_VARARGS,
      "aw_weights' CPU fast path: (w_r, w_f, case), or None"},
@@ -515,6 +570,8 @@ static PyMethodDef nats_kernels_methods[] = {
     {"cpu_iga_correction_", cpu_iga_correction_, METH_VARARGS,
      "iga_correction_'s CPU fast path: ran?"},
     {"cpu_cfg_step_", cpu_cfg_step_, METH_VARARGS, "cfg_step_'s CPU fast path: ran?"},
+    {"cpu_median_pairwise_distance", cpu_median_pairwise_distance, METH_VARARGS,
+     "median_pairwise_distance's CPU fast path, or None"},
     {nullptr, nullptr, 0, nullptr}};
 
 // Importing nats_kernels._C runs the registrations above; its functions are the checks and fast
@@ -525,10 +582,10 @@ static struct PyModuleDef nats_kernels_module = {PyModuleDef_HEAD_INIT, "_C", nu
 // fast_path_abi: the calling convention of the cpu_<op> functions, checked by
 // nats_kernels/_validate.py (FAST_PATH_ABI) so that a stale build is not used with a Python side
 // that passes its arguments differently (2: the fast paths check their Python numbers
-// themselves).
+// themselves; 3: and the median has one, cpu_median_pairwise_distance).
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&nats_kernels_module);
-  if (module != nullptr && PyModule_AddIntConstant(module, "fast_path_abi", 2) != 0) {
+  if (module != nullptr && PyModule_AddIntConstant(module, "fast_path_abi", 3) != 0) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -18,7 +18,7 @@ FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LARGEST = {dt: torch.finfo(dt).max for dt in FLOATING}
 
 #: The calling convention of the C++ fast paths this Python side expects (_C.fast_path_abi).
-FAST_PATH_ABI = 2
+FAST_PATH_ABI = 3
 
 try:  # the C++ pass over the common case of the list checks (csrc/nats_kernels.cpp)
     from . import _C as native

@@ -79,6 +79,12 @@ def median_pairwise_distance(
             mismatch between x and y, different devices, a memory budget that is not positive
             or does not fit in int64.
     """
+    if v.cpu_fast("median_pairwise_distance"):  # design §8.1: checked and run in C++
+        result = v.native.cpu_median_pairwise_distance(
+            x, y, squared, batched,
+            DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget)
+        if result is not None:
+            return result
     v.tensor("x", x)
     squared = v.flag("squared", squared)
     batched = v.flag("batched", batched)
