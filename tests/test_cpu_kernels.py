@@ -9,6 +9,7 @@ inputs; the per-dtype tolerance is the one table of tests/helpers.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -278,7 +279,9 @@ def test_aw_weights_large_logits_match_reference(dtype, monkeypatch):
 # ------------------------------------------------------------------------------ median paths
 # csrc/cpu/median_cpu.cpp selects by a window pass (keys between two sampled bounds are kept and
 # the rank is found among them) or, when the window cannot hold the rank or the budget, by radix
-# passes over recomputed tiles. median_path_counts() says which path each problem took.
+# passes over recomputed tiles; a problem whose pairs fit one tile takes the small path instead
+# (tests/test_median.py checks its bits against the tiled path's). median_path_counts() says
+# which path each problem took.
 
 
 def path_counts() -> list[int]:
@@ -286,10 +289,21 @@ def path_counts() -> list[int]:
 
 
 def ran_paths(fn):
-    """(result, [window problems, radix problems]) of one call."""
+    """(result, [window problems, radix problems, small-path problems]) of one call."""
     before = path_counts()
     out = fn()
     return out, [a - b for a, b in zip(path_counts(), before)]
+
+
+@contextlib.contextmanager
+def tiled_only():
+    """No small path (its limit 0) inside the block: small problems take the tiled path."""
+    limit = torch.ops.nats_kernels_ext.median_small_limit
+    old = limit(0)
+    try:
+        yield
+    finally:
+        limit(old)
 
 
 def lattice_points(n: int, d: int, r: int, dtype, seed: int) -> torch.Tensor:
@@ -316,9 +330,9 @@ def exact_sq_median(x: torch.Tensor, y: torch.Tensor | None = None) -> float:
 @pytest.mark.parametrize("d", [3, 40])  # the direct form (d <= 16) and the GEMM form
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_median_paths_agree_exactly(d, dtype, monkeypatch, threads):
-    """The same exact squared median from the kept-all window (small problem), the sampled
-    window (default budget), and radix passes (a budget too small for the window), with one
-    thread and with the pool; each path is checked to have run."""
+    """The same exact squared median from the small path and the kept-all window (small
+    problem), the sampled window (default budget), and radix passes (a budget too small for the
+    window), with one thread and with the pool; each path is checked to have run."""
     monkeypatch.setenv("NATS_KERNELS_BACKEND", "cpu")
     x = lattice_points(1100, d, 6, dtype, seed=d)  # 604450 pairs: more than the kept-all 2^18
     want = exact_sq_median(x)
@@ -326,16 +340,19 @@ def test_median_paths_agree_exactly(d, dtype, monkeypatch, threads):
     for n_threads in (1, torch.get_num_threads()):
         torch.set_num_threads(n_threads)
         got, paths = ran_paths(lambda: nk.median_pairwise_distance(small, squared=True))
-        assert got.item() == exact_sq_median(small) and paths == [1, 0], (got, paths)
+        assert got.item() == exact_sq_median(small) and paths == [0, 0, 1], (got, paths)
+        with tiled_only():
+            got, paths = ran_paths(lambda: nk.median_pairwise_distance(small, squared=True))
+        assert got.item() == exact_sq_median(small) and paths == [1, 0, 0], (got, paths)
         got, paths = ran_paths(lambda: nk.median_pairwise_distance(x, squared=True))
-        assert got.item() == want and paths == [1, 0], (n_threads, got, paths)
+        assert got.item() == want and paths == [1, 0, 0], (n_threads, got, paths)
         got, paths = ran_paths(
             lambda: nk.median_pairwise_distance(x, squared=True, memory_budget=50_000))
-        assert got.item() == want and paths == [0, 1], (n_threads, got, paths)
+        assert got.item() == want and paths == [0, 1, 0], (n_threads, got, paths)
         threads()
     y = lattice_points(700, d, 6, dtype, seed=d + 1)  # cross: 770000 pairs, mean of both 0
     got, paths = ran_paths(lambda: nk.median_pairwise_distance(x, y, squared=True))
-    assert got.item() == exact_sq_median(x, y) and paths == [1, 0], (got, paths)
+    assert got.item() == exact_sq_median(x, y) and paths == [1, 0, 0], (got, paths)
 
 
 @pytest.mark.parametrize("d", [3, 40])
@@ -369,8 +386,14 @@ def test_median_small_problems_in_parallel(d, cross, monkeypatch, threads):
     dozens (a 100 kB budget: 19 x 19 tiles, diagonal ones included); each problem scaled
     differently and one of them NaN, so that a result written to another problem's slot or
     state shared between the threads shows. Lattice data: each result is the exact squared
-    median (one of the computed distances, the lower one of an even count)."""
+    median (one of the computed distances, the lower one of an even count). The tiled path
+    throughout (these one-tile problems would take the small path: tests/test_median.py)."""
     monkeypatch.setenv("NATS_KERNELS_BACKEND", "cpu")
+    with tiled_only():
+        _small_problems_in_parallel(d, cross, threads)
+
+
+def _small_problems_in_parallel(d, cross, threads):
     batch, n, m = 6, 120, 90  # 7140 (10800) pairs per problem: kept whole even at 100 kB
     scale = torch.arange(1, batch + 1, dtype=torch.float32).view(batch, 1, 1)
     x = make((batch, n, d), torch.float32, seed=31) * scale
@@ -391,7 +414,7 @@ def test_median_small_problems_in_parallel(d, cross, monkeypatch, threads):
         for budget in (None, 100_000):
             got, paths = ran_paths(lambda budget=budget: nk.median_pairwise_distance(
                 x, y, batched=True, memory_budget=budget))
-            assert paths == [batch - 1, 0], (n_threads, budget, paths)  # the NaN one: no path
+            assert paths == [batch - 1, 0, 0], (n_threads, budget, paths)  # NaN one: no path
             assert torch.isnan(got[3]) and not torch.isnan(got[torch.arange(batch) != 3]).any()
             single = alone(lambda a, b, budget=budget: nk.median_pairwise_distance(
                 a, b, memory_budget=budget), x, y)
@@ -431,7 +454,7 @@ def test_median_more_than_2_31_pairs(monkeypatch):
     x = torch.arange(n, dtype=torch.float64)[:, None]
     got, paths = ran_paths(
         lambda: nk.median_pairwise_distance(x, squared=True, memory_budget=2**30))
-    assert got.item() == float(lo * lo) and paths == [1, 0], (got, lo, paths)
+    assert got.item() == float(lo * lo) and paths == [1, 0, 0], (got, lo, paths)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

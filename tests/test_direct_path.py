@@ -6,12 +6,14 @@ direct path bumps the version counter of what it writes, as PyTorch's in-place o
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from helpers import same_bits
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nats_kernels as nk
-from nats_kernels import _dispatch
+from nats_kernels import _dispatch, _validate
 
 
 class OpLog(TorchDispatchMode):
@@ -183,7 +185,8 @@ def test_lists_ok_with_grad_mode_off_lets_grad_tensors_through():
 
 # ------------------------------------------------------------------ the C++ CPU fast paths
 
-FAST_OPS = ("multi_dot", "iga_ratio", "aw_combine_", "iga_correction_", "cfg_step_")
+FAST_OPS = ("multi_dot", "iga_ratio", "aw_combine_", "iga_correction_", "cfg_step_",
+            "median_pairwise_distance")
 
 
 def _fast_calls():
@@ -197,6 +200,10 @@ def _fast_calls():
         "iga_correction_": lambda: nk.iga_correction_(out, b, w),
         "cfg_step_": lambda: nk.cfg_step_(x, g, w, eta=0.1, scale=torch.rand(4)),
         "cfg_step_ (number weight)": lambda: nk.cfg_step_(x, g, 0.5, eta=1),
+        "median_pairwise_distance": lambda: nk.median_pairwise_distance(torch.randn(6, 2)),
+        "median_pairwise_distance (cross, batched, budget)": lambda: nk.median_pairwise_distance(
+            torch.randn(2, 5, 3, 2), torch.randn(2, 4, 3, 2).double().float(), squared=True,
+            batched=True, memory_budget=10**6),
     }
 
 
@@ -247,6 +254,34 @@ def test_fast_path_declines_what_is_not_the_common_case(python_dispatch_refused)
         (lambda: nk.cfg_step_(x[:, :2], g[:, :2], 0.5), AssertionError),  # x not contiguous
         (lambda: nk.cfg_step_(x, g, float("nan")), ValueError),
         (lambda: nk.multi_dot(a, [t.double() for t in b]), TypeError),
+    ]
+    xm, ym = torch.randn(6, 2), torch.randn(4, 2)
+    cases += [  # the median: what its fast path leaves to Python
+        (lambda: nk.median_pairwise_distance(xm.half()), AssertionError),  # valid, not f32/f64
+        (lambda: nk.median_pairwise_distance(torch.randn(6, 2, requires_grad=True)),
+         AssertionError),
+        (lambda: nk.median_pairwise_distance(xm, memory_budget=np.int64(10**6)), AssertionError),
+        (lambda: nk.median_pairwise_distance(torch.randn(6, 0)), AssertionError),  # d = 0
+        (lambda: nk.median_pairwise_distance(torch.randn(0, 6, 2), batched=True), AssertionError),
+        (lambda: nk.median_pairwise_distance(xm, ym.double()), TypeError),
+        (lambda: nk.median_pairwise_distance(xm, torch.randn(4, 3)), ValueError),
+        (lambda: nk.median_pairwise_distance(xm, torch.randn(4, 1, 2)), ValueError),
+        (lambda: nk.median_pairwise_distance(xm[None], ym[None].expand(2, 4, 2), batched=True),
+         ValueError),  # batch mismatch
+        (lambda: nk.median_pairwise_distance(xm[:1]), ValueError),  # N = 1
+        (lambda: nk.median_pairwise_distance(xm, ym[:0]), ValueError),  # M = 0
+        (lambda: nk.median_pairwise_distance(xm[0], batched=True), ValueError),
+        (lambda: nk.median_pairwise_distance(torch.tensor(1.0)), ValueError),
+        (lambda: nk.median_pairwise_distance(xm, squared=1), TypeError),
+        (lambda: nk.median_pairwise_distance(xm, batched=np.bool_(False)), TypeError),
+        (lambda: nk.median_pairwise_distance(xm, memory_budget=0), ValueError),
+        (lambda: nk.median_pairwise_distance(xm, memory_budget=2**63), ValueError),
+        (lambda: nk.median_pairwise_distance(xm, memory_budget=True), TypeError),
+        (lambda: nk.median_pairwise_distance(xm, memory_budget=1e6), TypeError),
+        (lambda: nk.median_pairwise_distance(xm.tolist()), TypeError),
+        (lambda: nk.median_pairwise_distance(xm, ym.tolist()), TypeError),
+        (lambda: nk.median_pairwise_distance(torch.Tensor._make_subclass(_Sub, xm)),
+         AssertionError),
     ]
     for i, (call, err) in enumerate(cases):
         with pytest.raises(err) as info:
@@ -353,3 +388,45 @@ def test_the_build_speaks_the_fast_paths_calling_convention():
     from nats_kernels import _C, _validate
     assert _C.fast_path_abi == _validate.FAST_PATH_ABI
     assert _validate.native is _C
+
+def test_median_fast_path_matches_the_python_path(monkeypatch):
+    """The fast path flattens the features, resolves the default budget and picks element 0 of an
+    unbatched call as the Python path does: same shape, dtype and bits, for contiguous,
+    strided, transposed, expanded (stride 0), 1-d and image-shaped inputs, with grad mode off
+    for inputs that require grad, and for inference tensors."""
+    monkeypatch.delenv("NATS_KERNELS_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 3, 2, generator=g)
+    y = torch.randn(5, 3, 2, generator=g, dtype=torch.float64)
+    with torch.inference_mode():
+        inf = torch.randn(7, 4)
+    calls = [
+        lambda: nk.median_pairwise_distance(x),
+        lambda: nk.median_pairwise_distance(x, x[:4] * 3, squared=True),
+        lambda: nk.median_pairwise_distance(x[:, :, :1]),  # strided
+        lambda: nk.median_pairwise_distance(x.reshape(9, 6).t()),  # transposed
+        lambda: nk.median_pairwise_distance(x[:1].expand(5, 3, 2), x[:2]),  # stride 0
+        lambda: nk.median_pairwise_distance(x[:, 0, 0]),  # (N,): d = 1
+        lambda: nk.median_pairwise_distance(y, batched=True, memory_budget=4096),
+        lambda: nk.median_pairwise_distance(y, y[:, :1], batched=True),
+        lambda: nk.median_pairwise_distance(inf),
+    ]
+    with torch.no_grad():
+        leaf = x.clone().requires_grad_()
+        calls.append(lambda: nk.median_pairwise_distance(leaf))
+        fast = [call() for call in calls]
+        with monkeypatch.context() as m:
+            m.setattr(_validate, "cpu_fast", lambda op: False)
+            slow = [call() for call in calls]
+    for i, (a, b) in enumerate(zip(fast, slow)):
+        assert a.shape == b.shape and a.dtype == b.dtype and not a.requires_grad, (i, a, b)
+        assert same_bits(a, b), (i, a, b)
+
+
+def test_median_fast_path_runs_the_kernel_once(python_dispatch_refused):
+    """The common call reaches the kernel directly (no custom op) and once."""
+    with OpLog() as log:
+        got = nk.median_pairwise_distance(torch.randn(2, 6, 2), batched=True)
+    assert log.names.count("nats_kernels_ext.median_pairwise_distance.default") == 1, log.names
+    assert not any(n.startswith("nats_kernels.") for n in log.names), log.names
+    assert got.shape == (2,)

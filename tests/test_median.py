@@ -20,7 +20,16 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import DTYPES, PROPERTY, TOL, assert_close, cases, make, raises_before_dispatch
+from helpers import (
+    DTYPES,
+    PROPERTY,
+    TOL,
+    assert_close,
+    cases,
+    make,
+    raises_before_dispatch,
+    same_bits,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -466,6 +475,174 @@ def test_budget_agrees_on_random_data(device, backend, dtype):
         assert_close(got_cross, ref_cross.double(), dtype, f"cross budget={budget} vs default")
         assert_close(got, oracle(x), dtype, f"budget={budget}")
         assert_close(got_cross, oracle(x, y), dtype, f"cross budget={budget}")
+
+
+# --------------------------------------------------------------------------------------------
+# The C++ CPU kernel's small path (design §3.4): a problem whose pairs fit one tile gets all its
+# keys in one buffer and std::nth_element, with the tiled path's scaling, centring and distance
+# formula. It must return the tiled path's bits: median_small_limit(0) (a test knob) makes the
+# tiled path solve the same problem, and median_path_counts() says which path ran.
+
+cpu_kernel = pytest.mark.skipif(not nk.backends()["cpu"]["available"],
+                                reason="the C++ CPU kernel is not built")
+
+
+def cpu_path_counts() -> list[int]:
+    """(window, radix, small) problems the C++ CPU kernel has solved."""
+    return torch.ops.nats_kernels_ext.median_path_counts().tolist()
+
+
+def small_then_tiled(call, problems: int):
+    """``call()`` on the small path, then on the tiled path (small path limit 0); checks that
+    each of the ``problems`` finite problems took the path asked for."""
+    limit = torch.ops.nats_kernels_ext.median_small_limit
+    before = cpu_path_counts()
+    small = call()
+    middle = cpu_path_counts()
+    old = limit(0)
+    try:
+        tiled = call()
+    finally:
+        limit(old)
+    after = cpu_path_counts()
+    ran_small = [b - a for a, b in zip(before, middle)]
+    ran_tiled = [b - a for a, b in zip(middle, after)]
+    assert ran_small == [0, 0, problems], ran_small
+    assert ran_tiled[2] == 0 and sum(ran_tiled) == problems, ran_tiled
+    return small, tiled
+
+
+def assert_same_bits(got, want, what=""):
+    assert same_bits(got, want), f"{what}: {got.tolist()} vs {want.tolist()}"
+
+
+@cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", (1, 7, 16, 17, 1025))  # direct form up to 16, GEMM form above
+def test_small_path_gives_the_tiled_paths_bits(d, dtype, monkeypatch):
+    """Random data (where the rounding of each distance shows), pairwise and cross, batched and
+    not, contiguous, strided and transposed: the small path's result has the tiled path's bits,
+    and is within the dtype's tolerance of the oracle."""
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", "cpu")
+    for n in (2, 3, 7, 59):
+        seed = 100 * n + d
+        x = make((n, d), dtype, seed=seed)
+        y = make((n + 4, d), dtype, seed=seed + 1, scale=2.0) + 1
+        xs = make((n, d), dtype, seed=seed + 2, noncontiguous=True)
+        xt = make((d, n), dtype, seed=seed + 3).t()
+        scale = torch.tensor([1.0, 2.0, 2.0**-5]).view(3, 1, 1)  # float16 squares stay finite
+        xb = (make((3, n, d), torch.float64, seed=seed + 4) * scale).to(dtype)
+        yb = (make((3, n + 1, d), torch.float64, seed=seed + 5) * scale).to(dtype)
+        calls = [  # (what, x, y, batched, problems)
+            ("pairwise", x, None, False, 1),
+            ("cross", x, y, False, 1),
+            ("strided", xs, None, False, 1),
+            ("transposed cross", xt, xs, False, 1),
+            ("batched", xb, None, True, 3),
+            ("batched cross", xb, yb, True, 3),
+        ]
+        for what, a, b, batched, problems in calls:
+            for squared in (False, True):
+                label = f"N={n} d={d} {what} squared={squared}"
+                small, tiled = small_then_tiled(
+                    lambda a=a, b=b, batched=batched, squared=squared: median(
+                        a, b, squared=squared, batched=batched), problems)
+                assert_same_bits(small, tiled, label)
+                expected = oracle_batched(a, b, squared) if batched else oracle(a, b, squared)
+                assert_close(small, expected, dtype, label)
+
+
+@cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_small_path_nonfinite_problems(dtype, monkeypatch):
+    """NaN, Inf and -Inf make their own problem NaN on the small path as on the tiled path (no
+    path runs for them); the finite problems next to them keep their bits."""
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", "cpu")
+    x = make((5, 7, 3), dtype, seed=40)
+    x[1, 2, 0] = math.nan
+    x[2, 6, 2] = math.inf
+    x[3, 0, 1] = -math.inf
+    small, tiled = small_then_tiled(lambda: median(x, batched=True), 2)
+    assert_same_bits(small, tiled, "pairwise")
+    assert torch.isnan(small[1:4]).all() and not torch.isnan(small[[0, 4]]).any(), small
+    assert_close(small[[0, 4]], oracle_batched(x[[0, 4]]), dtype, "finite problems")
+    y = make((5, 4, 3), dtype, seed=41)
+    y[4, 3, 2] = -math.inf
+    small, tiled = small_then_tiled(lambda: median(x, y, batched=True, squared=True), 1)
+    assert_same_bits(small, tiled, "cross")
+    assert torch.isnan(small[1:]).all() and not torch.isnan(small[0]), small
+    assert_close(small[0], oracle(x[0], y[0], True), dtype, "finite cross problem")
+    for bad in (math.nan, math.inf, -math.inf):  # unbatched, in x and in y
+        xb = x[0].clone()
+        xb[6, 1] = bad
+        small, tiled = small_then_tiled(lambda xb=xb: torch.stack([median(xb), median(y[0], xb)]),
+                                        0)
+        assert torch.isnan(small).all() and torch.isnan(tiled).all(), (bad, small, tiled)
+
+
+@cpu_kernel
+def test_small_path_takes_exactly_the_small_problems(monkeypatch):
+    """The small path takes a problem of at most median_small_limit() pairs whose pairs fit one
+    tile (its keys then fit the kept-key quarter of the budget too); anything else is tiled."""
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", "cpu")
+    limit = torch.ops.nats_kernels_ext.median_small_limit
+    x = make((59, 7), torch.float32, seed=42)  # 1711 pairs
+    y = make((30, 7), torch.float32, seed=43)  # 1770 cross pairs
+
+    def path(call):
+        before = cpu_path_counts()
+        call()
+        ran = [b - a for a, b in zip(before, cpu_path_counts())]
+        assert sum(ran) == 1, ran
+        return "small" if ran[2] else "tiled"
+
+    assert limit(-1) == 2**18  # the default; a negative argument only reads it
+    old = limit(1711)
+    try:
+        assert path(lambda: median(x)) == "small"  # exactly the limit
+        assert path(lambda: median(x, y)) == "tiled"  # 1770 > 1711
+        limit(1710)
+        assert path(lambda: median(x)) == "tiled"
+        limit(old)
+        # A tile's side is the largest s with s * s * 4 bytes <= budget / 64: 13 at 50 kB, 2 at
+        # 2000 B (fewer than 59 rows); 8 from 16384 B on (8 rows fit), 7 below.
+        for budget in TINY_BUDGETS:
+            assert path(lambda budget=budget: median(x, memory_budget=budget)) == "tiled"
+        assert path(lambda: median(x[:8], memory_budget=16384)) == "small"
+        assert path(lambda: median(x[:8], memory_budget=16383)) == "tiled"
+        assert path(lambda: median(x[:8], y[:8], memory_budget=16383)) == "tiled"
+        assert path(lambda: median(x[:7], y[:8], memory_budget=16384)) == "small"
+        # A tile of 512 x 512 at most: 513 points are tiled whatever the budget.
+        assert path(lambda: median(make((513, 1), torch.float32))) == "tiled"
+        assert path(lambda: median(make((512, 1), torch.float32))) == "small"
+    finally:
+        limit(old)
+    assert limit(-1) == old
+
+
+@cpu_kernel
+@pytest.mark.parametrize("d", (3, 40))
+def test_small_batch_in_parallel(d, monkeypatch, threads):
+    """A batch of small problems runs in parallel under the full pool (B = 64 problems of 59
+    points: chunks of several problems): each problem's bits are those of the same problem
+    alone with one thread, on the small path and on the tiled path (by_problem's parallel
+    loop)."""
+    monkeypatch.setenv("NATS_KERNELS_BACKEND", "cpu")
+    scale = torch.logspace(-3, 3, 64, dtype=torch.float64).view(64, 1, 1)
+    x = (make((64, 59, d), torch.float64, seed=44) * scale).float()
+    x[17, 3, 0] = math.nan
+    y = (make((64, 23, d), torch.float64, seed=45) * scale).float()
+    torch.set_num_threads(1)
+    alone = torch.stack([median(x[i]) for i in range(64)])
+    alone_cross = torch.stack([median(x[i], y[i]) for i in range(64)])
+    threads()  # the full pool
+    small, tiled = small_then_tiled(lambda: median(x, batched=True), 63)
+    assert_same_bits(small, alone, "pairwise, small path")
+    assert_same_bits(tiled, alone, "pairwise, tiled path")
+    small, tiled = small_then_tiled(lambda: median(x, y, batched=True), 63)
+    assert_same_bits(small, alone_cross, "cross, small path")
+    assert_same_bits(tiled, alone_cross, "cross, tiled path")
+    assert_close(small[:17], oracle_batched(x[:17], y[:17]), torch.float32, "cross vs oracle")
 
 
 # --------------------------------------------------------------------------------------------
