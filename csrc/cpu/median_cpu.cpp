@@ -181,6 +181,30 @@ void row_norms(const T* a, int64_t n, int64_t d, T* out) {
   });
 }
 
+// The squared distances of one row of pairs, shared by the tiled path (for_each_tile) and the
+// small path (small_median), which must compute the same keys:
+// direct form: sq[c] = sum_f (a_i[f] - b_c[f])^2 for c in [c0, c1), features in order, with b
+// transposed (bt[f * ld + c]);
+// GEMM form: sq[c] = (|a_i|^2 + |b_c|^2) - 2 * sq[c], sq holding the dot products.
+template <typename T>
+inline void direct_row(const T* ai, const T* bt, int64_t ld, int64_t d, int64_t c0, int64_t c1,
+                       T* sq) {
+  for (int64_t c = c0; c < c1; ++c) sq[c] = T(0);
+  for (int64_t f = 0; f < d; ++f) {
+    const T x = ai[f];
+    const T* col = bt + f * ld;
+    for (int64_t c = c0; c < c1; ++c) {
+      const T diff = x - col[c];
+      sq[c] += diff * diff;
+    }
+  }
+}
+
+template <typename T>
+inline void gemm_row(T ni, const T* nj, int64_t c0, int64_t c1, T* sq) {
+  for (int64_t c = c0; c < c1; ++c) sq[c] = (ni + nj[c]) - T(2) * sq[c];
+}
+
 template <typename T>
 struct KeyOf;
 template <>
@@ -251,20 +275,9 @@ void for_each_tile(const Problem<T>& P, const RowFn& row_fn) {
         T* sq = buf + r * tj;
         const int64_t i = i0 + r;
         if (P.direct) {
-          const T* ai = a + i * d;
-          for (int64_t c = c0; c < tj; ++c) sq[c] = T(0);
-          for (int64_t f = 0; f < d; ++f) {
-            const T x = ai[f];
-            const T* col = bt + f * P.m + j0;
-            for (int64_t c = c0; c < tj; ++c) {
-              const T diff = x - col[c];
-              sq[c] += diff * diff;
-            }
-          }
+          direct_row<T>(a + i * d, bt + j0, P.m, d, c0, tj, sq);
         } else {
-          const T ni = na[i];
-          const T* nj = nb + j0;
-          for (int64_t c = c0; c < tj; ++c) sq[c] = (ni + nj[c]) - T(2) * sq[c];
+          gemm_row<T>(na[i], nb + j0, c0, tj, sq);
         }
         row_fn(thread, sq, c0, tj);
       }
@@ -636,16 +649,7 @@ T small_median(const T* x, int64_t sxn, int64_t sxd, const T* y, int64_t syn, in
     for (int64_t i = 0; i < n; ++i) {
       const int64_t c0 = pairwise ? i + 1 : 0;
       if (c0 >= m) continue;
-      const T* ai = a + i * d;
-      for (int64_t c = c0; c < m; ++c) sq[c] = T(0);
-      for (int64_t f = 0; f < d; ++f) {
-        const T xv = ai[f];
-        const T* col = bt + f * m;
-        for (int64_t c = c0; c < m; ++c) {
-          const T diff = xv - col[c];
-          sq[c] += diff * diff;
-        }
-      }
+      direct_row<T>(a + i * d, bt, m, d, c0, m, sq);
       K* out = keys.get() + at_key;
       for (int64_t c = c0; c < m; ++c) out[c - c0] = key_of<T>(sq[c]);
       at_key += m - c0;
@@ -663,13 +667,13 @@ T small_median(const T* x, int64_t sxn, int64_t sxd, const T* y, int64_t syn, in
     // parallel region as for_each_tile calls it.
     at::Tensor dots = at::empty({n, m}, a_t.options());
     at::parallel_for(0, 1, 1, [&](int64_t, int64_t) { at::mm_out(dots, a_t, b_t.t()); });
-    const T* dot = dots.template data_ptr<T>();
+    T* dot = dots.template data_ptr<T>();
     for (int64_t i = 0; i < n; ++i) {
       const int64_t c0 = pairwise ? i + 1 : 0;
-      const T ni = na[i];
-      const T* row = dot + i * m;
+      T* row = dot + i * m;
+      gemm_row<T>(na[i], nb, c0, m, row);
       K* out = keys.get() + at_key;
-      for (int64_t c = c0; c < m; ++c) out[c - c0] = key_of<T>((ni + nb[c]) - T(2) * row[c]);
+      for (int64_t c = c0; c < m; ++c) out[c - c0] = key_of<T>(row[c]);
       if (c0 < m) at_key += m - c0;
     }
   }
