@@ -62,21 +62,10 @@ def _env(**extra):
 
 # The interpreted suites run as two pytest processes at once, one per shard (the interpreter is
 # single-threaded Python: on the 2-core CI machine, 450 s in one process became 295 s and 241 s
-# in two). test_median.py's interpreted cases alone take most of the first shard's time, so
-# every other module is in the second.
-SHARDS = (
-    ("test_median", "test_triton_median"),
-    ("test_cfg", "test_multi_dot", "test_aw_weights", "test_aw_combine", "test_aw_step",
-     "test_iga", "test_iga_on_tiny_gans", "test_aliasing", "test_triton",
-     "test_aw_rule_thresholds", "test_scheme_aw", "test_brc_solvers", "test_inplace_autograd",
-     "test_scheme_brc", "test_schemes_nested_cfg"),
-)
-
-
-def test_shards_hold_every_module_once():
-    flat = [m for shard in SHARDS for m in shard]
-    assert sorted(flat) == sorted(MINIMUM), "SHARDS and MINIMUM name different modules"
-    assert len(flat) == len(set(flat)), "a module is in two shards"
+# in two). The median's interpreted cases alone take about as long as all the other modules', so
+# they are one shard and every other module of MINIMUM is the other.
+MEDIAN_SHARD = ("test_median", "test_triton_median")
+SHARDS = (MEDIAN_SHARD, tuple(m for m in MINIMUM if m not in MEDIAN_SHARD))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
@@ -119,7 +108,7 @@ def test_triton_suites_under_the_interpreter(tmp_path):
     ran, per_module, names, seconds = 0, Counter(), set(), []
     for _, _, report in runs:
         root = ET.parse(report).getroot()
-        seconds += [round(float(s.get("time", "nan"))) for s in root.iter("testsuite")]
+        seconds += [round(float(s.get("time", 0))) for s in root.iter("testsuite")]
         for case in root.iter("testcase"):
             bad = [c.tag for c in case if c.tag in ("failure", "error", "skipped")]
             assert not bad, f"{case.get('classname')}::{case.get('name')}: {bad}\n{tail}"
